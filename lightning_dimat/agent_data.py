@@ -1,0 +1,149 @@
+"""Each agent's view of the training data: a shard sampler and a loader that zips the agents' loaders.
+
+The user's training ``DataLoader`` is cloned once per agent with a :class:`ShardSampler` over that
+agent's shard (same batch size, workers, collate function, ``drop_last``). :class:`AgentLoader` steps
+all local agents' loaders together: one Lightning batch is an :class:`AgentBatch` ``{agent id: batch}``.
+An epoch is one pass of every agent over its own shard; an agent whose shard is exhausted before the
+longest one sits the remaining steps out (its entry is ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+
+from lightning_dimat.agent_rng import AgentRandomStreams, agent_seed
+
+
+class ShardSampler(Sampler[int]):
+    """Yields one agent's shard, reshuffled every epoch from ``(seed, agent id, epoch)`` when ``shuffle``.
+
+    Example:
+        >>> sampler = ShardSampler([4, 7, 9], shuffle=False)
+        >>> list(sampler)
+        [4, 7, 9]
+    """
+
+    def __init__(self, indices: Sequence[int], shuffle: bool, seed: int = 0, agent_id: int = 0) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.agent_id = agent_id
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.indices
+        if self.shuffle:
+            generator = np.random.default_rng(agent_seed(self.seed, self.agent_id, 1, self.epoch))
+            order = order[generator.permutation(len(order))]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class AgentBatch(dict):
+    """One training step's batches, ``{global agent id: batch or None}`` (``None``: that agent sits out)."""
+
+
+class _EpochSetter:
+    """What Lightning's ``_set_sampler_epoch`` finds as ``loader.sampler``: forwards ``set_epoch``."""
+
+    def __init__(self, samplers: Sequence[ShardSampler]) -> None:
+        self._samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self._samplers:
+            sampler.set_epoch(epoch)
+
+
+class AgentLoader:
+    """Steps the local agents' loaders together for ``num_batches`` steps per epoch.
+
+    Args:
+        loaders: ``{global agent id: DataLoader over that agent's shard}`` for the local agents.
+        num_batches: steps per epoch, the longest shard's batch count over *all* agents (also remote
+            ones), so that every process runs the same number of steps.
+        streams: the agents' random streams; each agent's data is drawn inside its own stream.
+    """
+
+    def __init__(
+        self, loaders: Mapping[int, DataLoader], num_batches: int, streams: AgentRandomStreams
+    ) -> None:
+        self.loaders = dict(loaders)
+        self.num_batches = num_batches
+        self.streams = streams
+        self.sampler = _EpochSetter([loader.sampler for loader in self.loaders.values()])
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[AgentBatch]:
+        iterators: dict[int, Iterator[Any] | None] = {}
+        for agent_id, loader in self.loaders.items():
+            with self.streams.activate(agent_id):
+                iterators[agent_id] = iter(loader)
+        for _ in range(self.num_batches):
+            batch = AgentBatch()
+            for agent_id in self.loaders:
+                batch[agent_id] = self._next(agent_id, iterators)
+            yield batch
+
+    def _next(self, agent_id: int, iterators: dict[int, Iterator[Any] | None]) -> Any:
+        iterator = iterators[agent_id]
+        if iterator is None:
+            return None
+        with self.streams.activate(agent_id):
+            try:
+                return next(iterator)
+            except StopIteration:
+                iterators[agent_id] = None
+                return None
+
+
+def batches_per_epoch(shard_size: int, batch_size: int, drop_last: bool) -> int:
+    """Number of batches a loader over ``shard_size`` items yields."""
+    return shard_size // batch_size if drop_last else math.ceil(shard_size / batch_size)
+
+
+def clone_for_shard(dataloader: DataLoader, indices: Sequence[int], seed: int, agent_id: int) -> DataLoader:
+    """The user's loader with its sampler replaced by one over ``indices`` (shuffled iff the original was).
+
+    Raises:
+        ValueError: for an iterable-style dataset, a custom sampler or a custom batch sampler, which
+            cannot be restricted to a shard without changing their meaning.
+    """
+    if not isinstance(dataloader, DataLoader):
+        raise ValueError(
+            f"DIMATStrategy shards a torch DataLoader across agents, got a {type(dataloader).__name__}. "
+            "Return a torch.utils.data.DataLoader from train_dataloader()."
+        )
+    if dataloader.batch_size is None:
+        raise ValueError(
+            "DIMATStrategy needs the training DataLoader to batch with `batch_size=...`; a custom "
+            f"batch_sampler ({type(dataloader.batch_sampler).__name__}) cannot be restricted to a shard."
+        )
+    sampler = dataloader.sampler
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement or sampler._num_samples is not None:
+            raise ValueError(
+                "DIMATStrategy cannot shard a RandomSampler with replacement or num_samples; "
+                "use DataLoader(shuffle=True)."
+            )
+        shuffle = True
+    elif isinstance(sampler, SequentialSampler):
+        shuffle = False
+    else:
+        raise ValueError(
+            f"DIMATStrategy builds each agent's sampler from its shard and cannot keep the training "
+            f"DataLoader's {type(sampler).__name__}. Use DataLoader(shuffle=True) or shuffle=False."
+        )
+    return _update_dataloader(dataloader, ShardSampler(indices, shuffle, seed, agent_id))

@@ -1,0 +1,127 @@
+"""One random stream per agent.
+
+Each agent's dropout, data augmentation and shuffling draw from its own stream, seeded from
+``(seed, agent id)``. An agent's randomness therefore does not depend on which other agents share
+its process, and the streams are saved in checkpoints, so a resumed run continues them exactly.
+
+Example:
+    >>> streams = AgentRandomStreams(seed=0, agent_ids=[0, 1])
+    >>> with streams.activate(1):
+    ...     x = torch.rand(1)  # drawn from agent 1's stream; the global stream is untouched
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def agent_seed(seed: int, agent_id: int, *purpose: int) -> int:
+    """A 63-bit seed derived from the run seed, the agent id and an optional purpose tuple."""
+    sequence = np.random.SeedSequence([seed, agent_id, *purpose])
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _capture(device: torch.device | None) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore(state: dict[str, Any], device: torch.device | None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Runs the block with all global generators seeded by ``seed``, then restores them."""
+    saved = _capture(device)
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        if device is not None and device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        yield
+    finally:
+        _restore(saved, device)
+
+
+class AgentRandomStreams:
+    """The random states (torch, CUDA, numpy, python) of each local agent.
+
+    Args:
+        seed: the run seed.
+        agent_ids: global ids of the agents that live in this process.
+        device: the device whose CUDA generator is also swapped (``None`` or CPU: not swapped).
+    """
+
+    def __init__(self, seed: int, agent_ids: Iterable[int], device: torch.device | None = None) -> None:
+        self.device = device
+        self._states: dict[int, dict[str, Any]] = {}
+        self._active: list[int] = []
+        for agent_id in agent_ids:
+            with seeded(agent_seed(seed, agent_id), device):
+                self._states[agent_id] = _capture(device)
+
+    @contextmanager
+    def activate(self, agent_id: int) -> Iterator[None]:
+        """Makes ``agent_id``'s stream the global one for the duration of the block (re-entrant)."""
+        if agent_id in self._active:
+            yield
+            return
+        saved = _capture(self.device)
+        _restore(self._states[agent_id], self.device)
+        self._active.append(agent_id)
+        try:
+            yield
+        finally:
+            self._active.remove(agent_id)
+            self._states[agent_id] = _capture(self.device)
+            _restore(saved, self.device)
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        """Per-agent states keyed by global agent id, made of tensors and builtins only.
+
+        (``torch.load(weights_only=True)`` refuses numpy arrays, so numpy's key is stored as a tensor.)
+        """
+        return {agent_id: _to_builtin(state) for agent_id, state in self._states.items()}
+
+    def load_state_dict(self, states: dict[int, dict[str, Any]]) -> None:
+        """Restores the states of the local agents; agents missing from ``states`` raise a ``KeyError``."""
+        for agent_id in self._states:
+            if agent_id not in states:
+                raise KeyError(f"The checkpoint holds no random state for agent {agent_id}.")
+            state = _from_builtin(states[agent_id])
+            if self.device is None or self.device.type != "cuda":
+                state.pop("cuda", None)
+            self._states[agent_id] = state
+
+
+def _to_builtin(state: dict[str, Any]) -> dict[str, Any]:
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    saved = dict(state)
+    saved["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
+    return saved
+
+
+def _from_builtin(saved: dict[str, Any]) -> dict[str, Any]:
+    name, keys, position, has_gauss, cached_gaussian = saved["numpy"]
+    state = dict(saved)
+    state["numpy"] = (name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian)
+    state["torch"] = saved["torch"].cpu()
+    return state

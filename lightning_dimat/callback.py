@@ -1,0 +1,157 @@
+"""``MergeCallback``: every n-th epoch, each agent merges with its neighbours on the topology."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lightning_dimat.merge import MERGE_METHODS, load_state_in_place, recompute_batchnorm, weighted_state
+from lightning_dimat.strategy import DIMATStrategy
+
+StateDict = dict[str, Tensor]
+
+
+class MergeCallback(Callback):
+    """Merges each agent with its neighbours: x_i ← Σ_j π_ij P_ij x_j, with Π from the strategy's topology.
+
+    The merge runs right after the last training batch of every ``every_n_epochs``-th epoch, *before*
+    that epoch's validation, so logged validation metrics of a merge epoch are post-merge (what the paper
+    plots). All agents merge synchronously from the pre-merge weights. Each agent aligns its neighbours
+    into its own basis on its own data (P_ii = I, so its optimizer state stays valid), then its BatchNorm
+    statistics are re-estimated on ``num_batches`` batches of its own shard.
+
+    Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the neighbour states each
+    agent receives, summed over local agents), ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
+    ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters).
+
+    Args:
+        every_n_epochs: merge after epochs e (0-based) with ``(e + 1) % every_n_epochs == 0``.
+        method: a name in :data:`~lightning_dimat.merge.MERGE_METHODS`: ``"average"`` (the paper's WA).
+        start_epoch: no merge before this (0-based) epoch.
+        num_batches: batches of each agent's own data used for BatchNorm re-estimation (and, for
+            activation-based methods, for the activation statistics).
+        recompute_batchnorm: re-estimate BatchNorm statistics after each merge.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_dimat import DIMATStrategy
+        >>> merge = MergeCallback(every_n_epochs=2)
+        >>> trainer = Trainer(strategy=DIMATStrategy(), callbacks=[merge])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 2,
+        method: str = "average",
+        start_epoch: int = 0,
+        num_batches: int = 10,
+        recompute_batchnorm: bool = True,
+    ) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}.")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}.")
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}.")
+        MERGE_METHODS.get(method)
+        self.every_n_epochs = every_n_epochs
+        self.method = method
+        self.start_epoch = start_epoch
+        self.num_batches = num_batches
+        self.recompute_batchnorm = recompute_batchnorm
+        self.round = 0
+        self.merged_epochs: list[int] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy, DIMATStrategy):
+            raise ValueError(
+                "MergeCallback needs Trainer(strategy=DIMATStrategy(...)), "
+                f"got {type(trainer.strategy).__name__}."
+            )
+
+    def should_merge(self, epoch: int) -> bool:
+        """Whether to merge after (0-based) ``epoch``."""
+        return epoch >= self.start_epoch and (epoch + 1) % self.every_n_epochs == 0
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.is_last_batch and self.should_merge(trainer.current_epoch):
+            self.merge(trainer, pl_module)
+
+    def merge(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Runs one synchronous merge round of all local agents with their neighbours."""
+        strategy = trainer.strategy
+        assert isinstance(strategy, DIMATStrategy) and strategy.swarm is not None
+        swarm, topology = strategy.swarm, strategy.topology
+        method = MERGE_METHODS.get(self.method)
+        started = time.perf_counter()
+        states = {agent_id: _detached(agent.state_dict()) for agent_id, agent in swarm.items()}
+        parameter_names = [name for name, _ in swarm.agent(swarm.agent_ids[0]).named_parameters()]
+        distance_before = consensus_distance(states, parameter_names)
+        received_bytes = 0
+        merged: dict[int, StateDict] = {}
+        for agent_id, agent in swarm.items():
+            weights = topology.weights(agent_id)
+            order = [agent_id, *sorted(j for j in weights if j != agent_id)]
+            received_bytes += sum(state_bytes(states[j]) for j in order[1:])
+            data = list(strategy.local_batches(agent_id, self.num_batches)) if method.requires_data else None
+            with strategy.swarm.streams.activate(agent_id):
+                aligned = method(agent, [states[j] for j in order], data)
+            merged[agent_id] = weighted_state(aligned, [weights[j] for j in order])
+        for agent_id, agent in swarm.items():
+            load_state_in_place(agent, merged[agent_id])
+            if self.recompute_batchnorm:
+                with strategy.swarm.streams.activate(agent_id):
+                    recompute_batchnorm(
+                        agent,
+                        strategy.local_batches(agent_id, self.num_batches),
+                        forward_context=trainer.precision_plugin.forward_context,
+                    )
+        self.round += 1
+        self.merged_epochs.append(trainer.current_epoch)
+        metrics = {
+            "merge/round": float(self.round),
+            "merge/time_s": time.perf_counter() - started,
+            "merge/bytes": float(received_bytes),
+            "merge/spectral_gap": topology.spectral_gap,
+            "merge/consensus_distance_before": distance_before,
+            "merge/consensus_distance_after": consensus_distance(
+                {agent_id: _detached(agent.state_dict()) for agent_id, agent in swarm.items()},
+                parameter_names,
+            ),
+        }
+        for name, value in metrics.items():
+            pl_module.log(name, float(value), on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "merged_epochs": list(self.merged_epochs)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict["round"])
+        self.merged_epochs = list(state_dict["merged_epochs"])
+
+
+def _detached(state: Mapping[str, Tensor]) -> StateDict:
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+def state_bytes(state: Mapping[str, Tensor]) -> int:
+    """Bytes needed to send ``state`` (every tensor at its own dtype)."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+
+
+def consensus_distance(states: Mapping[int, Mapping[str, Tensor]], names: list[str]) -> float:
+    """Mean over agents of ‖x_i − x̄‖ over the entries ``names`` (the parameters)."""
+    vectors = torch.stack(
+        [
+            torch.cat([state[name].detach().float().flatten().cpu() for name in names])
+            for state in states.values()
+        ]
+    )
+    return float((vectors - vectors.mean(dim=0)).norm(dim=1).mean())

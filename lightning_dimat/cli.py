@@ -1,0 +1,47 @@
+"""The ``lightning-dimat`` command: Lightning's CLI with the package imported (so ``strategy: dimat`` and
+every registry name resolve) and an optional test run right after ``fit``.
+
+Example:
+    lightning-dimat fit --config configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import lightning_dimat  # noqa: F401  (registers the "dimat" strategy)
+
+
+class DIMATCLI(LightningCLI):
+    """``LightningCLI`` plus ``--test_after_fit``: ``trainer.test`` on the trained agents after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run trainer.test on the trained agents (per-agent and mean test metrics).",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def main(args: Any = None) -> None:
+    """Entry point of the ``lightning-dimat`` console script."""
+    DIMATCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

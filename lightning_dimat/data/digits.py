@@ -1,0 +1,89 @@
+"""scikit-learn's handwritten digits (1,797 8×8 images, 10 classes): offline, for quick-starts and tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class DigitsDataModule(LightningDataModule):
+    """Digits as ``(1, 8, 8)`` float tensors in [0, 1] with integer labels; a stratified train/val/test split.
+
+    Args:
+        batch_size: batch size of every loader.
+        val_fraction: share of the images held out for validation.
+        test_fraction: share held out for testing.
+        seed: seed of the split.
+        num_workers: DataLoader workers.
+
+    Example:
+        >>> data = DigitsDataModule(batch_size=32)
+        >>> data.setup("fit")
+        >>> len(data.train_set), len(data.val_set)
+        (1257, 180)
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) "
+                "and sum to less than 1."
+            )
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def setup(self, stage: str | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        if hasattr(self, "train_set"):
+            return
+        digits = load_digits()
+        images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        train, val, test = _stratified_split(
+            digits.target, (self.val_fraction, self.test_fraction), self.seed
+        )
+        self.train_set = TensorDataset(images[train], labels[train])
+        self.val_set = TensorDataset(images[val], labels[val])
+        self.test_set = TensorDataset(images[test], labels[test])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
+
+
+def _stratified_split(
+    labels: np.ndarray, fractions: tuple[float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices for train / val / test, each class split in the given proportions."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for label in np.unique(labels):
+        indices = rng.permutation(np.flatnonzero(labels == label))
+        n_val = round(len(indices) * fractions[0])
+        n_test = round(len(indices) * fractions[1])
+        parts[1].append(indices[:n_val])
+        parts[2].append(indices[n_val : n_val + n_test])
+        parts[0].append(indices[n_val + n_test :])
+    train, val, test = (np.sort(np.concatenate(part)) for part in parts)
+    return train, val, test

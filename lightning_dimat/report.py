@@ -1,0 +1,124 @@
+"""``AgentReport``: per-agent accuracy curves (PNG + JSON) and a per-agent test table."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+_AGENT_KEY = re.compile(r"^agent_(\d+)/(.+)$")
+
+
+def agent_values(metrics: dict[str, Any], name: str) -> dict[int, float]:
+    """``{agent id: value}`` of ``agent_<g>/<name>`` entries in ``metrics``."""
+    values = {}
+    for key, value in metrics.items():
+        match = _AGENT_KEY.match(key)
+        if match and match.group(2) == name:
+            values[int(match.group(1))] = float(value)
+    return dict(sorted(values.items()))
+
+
+def format_table(values: dict[int, float], name: str) -> str:
+    """A small text table: one row per agent and the mean."""
+    width = max(len(name), 8)
+    lines = [f"{'agent':>6} | {name:>{width}}", f"{'-' * 6}-+-{'-' * width}"]
+    lines += [f"{agent_id:>6} | {value:>{width}.4f}" for agent_id, value in values.items()]
+    mean = sum(values.values()) / len(values)
+    lines += [f"{'-' * 6}-+-{'-' * width}", f"{'mean':>6} | {mean:>{width}.4f}"]
+    return "\n".join(lines)
+
+
+class AgentReport(Callback):
+    """Records each agent's validation metric per epoch; after fit writes a plot, after test prints a table.
+
+    Args:
+        monitor: the per-epoch metric to plot (logged by the module as ``monitor``).
+        test_metric: the test metric to tabulate.
+        output_dir: where ``<name>.png`` and ``<name>.json`` are written.
+        name: file stem of the outputs.
+
+    Example:
+        >>> report = AgentReport(monitor="val_acc", test_metric="test_acc", output_dir="outputs")
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_acc",
+        test_metric: str = "test_acc",
+        output_dir: str = "outputs",
+        name: str = "accuracy",
+    ) -> None:
+        self.monitor = monitor
+        self.test_metric = test_metric
+        self.output_dir = Path(output_dir)
+        self.name = name
+        self.history: list[dict[str, Any]] = []
+        self.test_results: dict[int, float] = {}
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = agent_values(trainer.callback_metrics, self.monitor)
+        if values:
+            self.history.append({"epoch": trainer.current_epoch, "agents": values})
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.history:
+            self.write(self._merge_epochs(trainer))
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.test_results = agent_values(trainer.callback_metrics, self.test_metric)
+        if self.test_results:
+            self._print(self.test_results)
+
+    @rank_zero_only
+    def _print(self, values: dict[int, float]) -> None:
+        print(f"\nPer-agent {self.test_metric}:\n{format_table(values, self.test_metric)}\n", flush=True)
+
+    @staticmethod
+    def _merge_epochs(trainer: Trainer) -> list[int]:
+        from lightning_dimat.callback import MergeCallback
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, MergeCallback):
+                return list(callback.merged_epochs)
+        return []
+
+    @rank_zero_only
+    def write(self, merge_epochs: list[int]) -> Path:
+        """Writes ``<name>.json`` and ``<name>.png``; returns the PNG path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"monitor": self.monitor, "merge_epochs": merge_epochs, "history": self.history}
+        (self.output_dir / f"{self.name}.json").write_text(json.dumps(record, indent=2))
+        epochs = [entry["epoch"] + 1 for entry in self.history]
+        agent_ids = sorted({agent_id for entry in self.history for agent_id in entry["agents"]})
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for agent_id in agent_ids:
+            series = [entry["agents"].get(agent_id, float("nan")) for entry in self.history]
+            axes.plot(epochs, series, marker="o", markersize=3, linewidth=1, label=f"agent {agent_id}")
+        mean = [sum(entry["agents"].values()) / len(entry["agents"]) for entry in self.history]
+        axes.plot(epochs, mean, color="black", linewidth=2.5, label="mean")
+        for index, epoch in enumerate(merge_epochs):
+            axes.axvline(
+                epoch + 1, color="grey", linestyle=":", linewidth=1, label="merge" if index == 0 else None
+            )
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(self.monitor)
+        axes.set_title(f"{self.monitor} per agent")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, ncol=2)
+        figure.tight_layout()
+        path = self.output_dir / f"{self.name}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path

@@ -1,0 +1,365 @@
+"""``DIMATStrategy``: N agents, each a copy of the user's LightningModule, trained on their own shards."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import DataLoader
+
+from lightning_dimat.agent_data import AgentLoader, batches_per_epoch, clone_for_shard
+from lightning_dimat.agent_rng import AgentRandomStreams, agent_seed, seeded
+from lightning_dimat.merge import MERGE_METHODS, load_state_in_place, recompute_batchnorm, weighted_state
+from lightning_dimat.partition import PARTITIONS, dataset_labels, partition
+from lightning_dimat.placement import agents_on_rank
+from lightning_dimat.swarm import AgentSwarm, swarm_class_for
+from lightning_dimat.topology import Topology, build_topology
+
+Export = int | Literal["consensus", "none"]
+
+
+class DIMATStrategy(DDPStrategy):
+    """Trains ``num_agents`` copies of your LightningModule, each on its own shard of the training data.
+
+    Lightning keeps handling devices, precision, logging and checkpoints; add a
+    :class:`~lightning_dimat.callback.MergeCallback` to merge agents with their neighbours on ``topology``.
+    Each agent's ``self.log(name, ...)`` is logged as ``agent_<g>/<name>`` and ``<name>`` is the mean over
+    agents. Validation and test run every agent on the full evaluation set.
+
+    Args:
+        num_agents: number of agents N (the paper's default setting is 5).
+        topology: a name from :data:`~lightning_dimat.topology.GRAPHS` (``ring``, ``fully_connected``,
+            ``star``, ``torus``, ``exponential``, ``erdos_renyi``), a
+            :class:`~lightning_dimat.topology.Topology`,
+            a networkx graph, or an adjacency/mixing matrix.
+        mixing_rule: how edge weights are chosen: ``metropolis_hastings``, ``uniform`` or ``max_degree``.
+        topology_options: options of a named topology, e.g. ``{"p": 0.3, "seed": 1}`` for ``erdos_renyi``.
+        partition: how the training set is split: ``iid``, ``by_class`` (the paper's non-IID), ``dirichlet``
+            or ``shards`` (see :data:`~lightning_dimat.partition.PARTITIONS`).
+        partition_options: options of the scheme, e.g. ``{"alpha": 0.5}`` for ``dirichlet``.
+        agent_init: ``"reinit"`` gives agent g fresh parameters from seed ``(seed, g)`` (each submodule's
+            ``reset_parameters``); ``"copy"`` starts every agent from your module's weights.
+        seed: seeds agent initialisation, the partition, shuffling and every agent's random stream.
+        export: after ``fit``, what is loaded into your module: an agent id, ``"consensus"`` (all agents
+            merged into agent 0's basis with equal weights by the merge callback's method, BatchNorm
+            re-estimated on every agent's data) or ``"none"``.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(strategy=DIMATStrategy(topology="ring"), max_epochs=1)  # doctest: +SKIP
+    """
+
+    strategy_name = "dimat"
+
+    def __init__(
+        self,
+        num_agents: int = 5,
+        topology: str | Topology | Sequence[Sequence[float]] | Any = "ring",
+        mixing_rule: str = "metropolis_hastings",
+        topology_options: dict[str, Any] | None = None,
+        partition: str = "iid",
+        partition_options: dict[str, Any] | None = None,
+        agent_init: Literal["reinit", "copy"] = "reinit",
+        seed: int = 0,
+        export: Export = "consensus",
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if isinstance(num_agents, bool) or not isinstance(num_agents, int) or num_agents < 2:
+            raise ValueError(f"num_agents must be an integer >= 2 (DIMAT merges agents), got {num_agents!r}.")
+        self.num_agents = num_agents
+        self.topology = build_topology(topology, num_agents, rule=mixing_rule, **(topology_options or {}))
+        PARTITIONS.get(partition)
+        self.partition = partition
+        self.partition_options = dict(partition_options or {})
+        if agent_init not in ("reinit", "copy"):
+            raise ValueError(f"agent_init must be 'reinit' or 'copy', got {agent_init!r}.")
+        self.agent_init = agent_init
+        self.seed = int(seed)
+        _check_export(export, num_agents)
+        self.export = export
+        self.swarm: AgentSwarm | None = None
+        self._user_module: LightningModule | None = None
+        self._clip_val: float | None = None
+        self._clip_algorithm: str | None = None
+        self._accumulate = 1
+        self.shards: list[np.ndarray] | None = None
+        self.agent_loaders: dict[int, DataLoader] = {}
+
+    # --------------------------------------------------------------- placement
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.num_processes if self.parallel_devices else 1
+
+    @property
+    def local_agent_ids(self) -> list[int]:
+        """Global ids of the agents that live in this process."""
+        return agents_on_rank(
+            self.num_agents, self.world_size, self.global_rank if self.world_size > 1 else 0
+        )
+
+    # -------------------------------------------------------- DDP switched off
+    @property
+    def _layer_sync(self) -> Any:
+        return None
+
+    @_layer_sync.setter
+    def _layer_sync(self, layer_sync: Any) -> None:
+        if layer_sync is not None:
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) would average BatchNorm statistics across agents, which DIMAT "
+                "keeps separate; remove sync_batchnorm (merges re-estimate BatchNorm statistics instead)."
+            )
+
+    def _configure_launcher(self) -> None:
+        if self.world_size > 1:
+            raise NotImplementedError(
+                f"DIMATStrategy runs in one process for now; got {self.world_size} processes "
+                "(devices × num_nodes). Use devices=1."
+            )
+        self._launcher = None
+
+    def setup_environment(self) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup_device(self.root_device)
+
+    def setup_distributed(self) -> None:  # no process group for a single process
+        self.set_world_ranks()
+
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}
+
+    # ------------------------------------------------------------------ swarm
+    def connect(self, model: LightningModule) -> None:
+        """Swaps the user's module for the swarm, before Lightning runs its checks and hooks."""
+        trainer = model.trainer
+        if isinstance(model, AgentSwarm):
+            swarm = model
+        elif self.swarm is not None and model is self._user_module:
+            swarm = self.swarm
+        else:
+            swarm = self._build_swarm(model, trainer)
+        self.swarm = swarm
+        swarm.trainer = trainer
+        for _, agent in swarm.items():
+            agent.trainer = trainer
+        self._take_over_trainer_flags(trainer, swarm)
+        super().connect(swarm)
+
+    def _build_swarm(self, model: LightningModule, trainer: Trainer) -> AgentSwarm:
+        if not model.automatic_optimization:
+            raise MisconfigurationException(
+                f"{type(model).__name__} uses manual optimization; DIMATStrategy steps each agent's "
+                "optimizer itself and needs automatic optimization (return the loss from training_step)."
+            )
+        if trainer.state.fn == TrainerFn.FITTING and not is_overridden(
+            "training_step", model, LightningModule
+        ):
+            raise MisconfigurationException(f"{type(model).__name__} does not define training_step.")
+        agent_ids = self.local_agent_ids
+        trainer_ref, model.trainer = model._trainer, None
+        try:
+            agents = {agent_id: copy.deepcopy(model) for agent_id in agent_ids}
+        finally:
+            model.trainer = trainer_ref
+        streams = AgentRandomStreams(self.seed, agent_ids, self.root_device)
+        self._user_module = model
+        swarm = swarm_class_for(model)(agents, streams, world_size=self.world_size)
+        if self.agent_init == "reinit":
+            # Runs after the agents' setup/configure_model hooks and before a checkpoint is restored.
+            swarm.pending_initialisation = functools.partial(self._initialise_agents, swarm)
+        return swarm
+
+    def _take_over_trainer_flags(self, trainer: Trainer, swarm: AgentSwarm) -> None:
+        """Lightning refuses these flags under manual optimization: apply them per agent instead."""
+        if trainer.gradient_clip_val:
+            self._clip_val, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
+        self._clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
+        if trainer.accumulate_grad_batches != 1:
+            self._accumulate, trainer.accumulate_grad_batches = int(trainer.accumulate_grad_batches), 1
+        swarm.gradient_clip_val = self._clip_val
+        swarm.gradient_clip_algorithm = self._clip_algorithm
+        swarm.accumulate_grad_batches = self._accumulate
+        # Each agent draws its own shard; evaluation runs on the full sets. No DistributedSampler anywhere.
+        trainer._accelerator_connector.use_distributed_sampler = False
+
+    def _initialise_agents(self, swarm: AgentSwarm) -> None:
+        """Gives agent g fresh parameters from seed (seed, g) (``agent_init="reinit"``)."""
+        for agent_id, agent in swarm.items():
+            with seeded(agent_seed(self.seed, agent_id, 0), self.root_device), torch.no_grad():
+                for module in agent.modules():
+                    reset = getattr(module, "reset_parameters", None)
+                    if module is not agent and callable(reset):
+                        reset()
+
+    # ------------------------------------------------------------------- data
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        if not isinstance(dataloader, DataLoader):
+            raise ValueError(
+                f"DIMATStrategy shards a torch DataLoader across agents, got {type(dataloader).__name__}; "
+                "return a single torch.utils.data.DataLoader from train_dataloader()."
+            )
+        labels = dataset_labels(dataloader.dataset)
+        self.shards = partition(labels, self.num_agents, self.partition, self.seed, **self.partition_options)
+        assert self.swarm is not None
+        self.agent_loaders = {
+            agent_id: clone_for_shard(dataloader, self.shards[agent_id], self.seed, agent_id)
+            for agent_id in self.swarm.agent_ids
+        }
+        assert dataloader.batch_size is not None
+        num_batches = max(
+            batches_per_epoch(len(shard), dataloader.batch_size, dataloader.drop_last)
+            for shard in self.shards
+        )
+        if num_batches == 0:
+            raise ValueError(
+                f"With batch_size={dataloader.batch_size} and drop_last=True no agent gets a full batch "
+                f"(largest shard: {max(map(len, self.shards))} samples); lower the batch size."
+            )
+        return AgentLoader(self.agent_loaders, num_batches, self.swarm.streams)
+
+    def local_batches(self, agent_id: int, num_batches: int | None) -> Iterator[Any]:
+        """Up to ``num_batches`` of agent ``agent_id``'s own batches, on the device, drawn in its stream."""
+        if agent_id not in self.agent_loaders:
+            raise RuntimeError(
+                f"Agent {agent_id} has no training data yet: local data exists only while fitting."
+            )
+        assert self.swarm is not None
+        streams = self.swarm.streams
+        with streams.activate(agent_id):
+            iterator = iter(self.agent_loaders[agent_id])
+        count = 0
+        while num_batches is None or count < num_batches:
+            with streams.activate(agent_id):
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield self.swarm.to_device(agent_id, batch)
+            count += 1
+
+    # ------------------------------------------------------------ checkpoints
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        assert self.swarm is not None
+        saved = checkpoint.get("dimat", {}).get("agent_ids")
+        if saved is not None and sorted(saved) != list(range(self.num_agents)):
+            raise ValueError(
+                f"The checkpoint holds agents {sorted(saved)} but this run has num_agents={self.num_agents}; "
+                "resume with the same number of agents."
+            )
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    # ----------------------------------------------------------------- export
+    def teardown(self) -> None:
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        if (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        ):
+            self.export_to(self._user_module)
+        super().teardown()
+
+    def export_to(self, module: LightningModule | None) -> None:
+        """Loads the agent chosen by ``export`` (or the consensus) into ``module``."""
+        if module is None or self.export == "none" or self.swarm is None:
+            return
+        if isinstance(self.export, int):
+            state = self.swarm.agent(self.export).state_dict()
+        else:
+            state = self.consensus_state()
+        module.load_state_dict({key: value.to(module.device) for key, value in state.items()})
+
+    def consensus_state(self, num_batches: int | None = 10) -> dict[str, torch.Tensor]:
+        """All agents merged with equal weights in agent 0's basis; BatchNorm re-estimated on all shards."""
+        assert self.swarm is not None
+        method_name = self._merge_method_name()
+        method = MERGE_METHODS.get(method_name)
+        reference_id = self.swarm.agent_ids[0]
+        reference = self.swarm.agent(reference_id)
+        data = (
+            list(self.local_batches(reference_id, num_batches))
+            if method.requires_data and self.agent_loaders
+            else None
+        )
+        states = [agent.state_dict() for _, agent in self.swarm.items()]
+        aligned = method(reference, states, data)
+        consensus = copy.deepcopy(reference)
+        load_state_in_place(consensus, weighted_state(aligned, [1.0 / len(states)] * len(states)))
+        if self.agent_loaders:
+            batches = [
+                batch
+                for agent_id in self.swarm.agent_ids
+                for batch in self.local_batches(agent_id, num_batches)
+            ]
+            recompute_batchnorm(consensus, batches, forward_context=self.precision_plugin.forward_context)
+        return consensus.state_dict()
+
+    def _merge_method_name(self) -> str:
+        from lightning_dimat.callback import MergeCallback
+
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        for callback in getattr(trainer, "callbacks", []) if trainer is not None else []:
+            if isinstance(callback, MergeCallback):
+                return callback.method
+        return "average"
+
+
+def _check_export(export: Any, num_agents: int) -> None:
+    if export in ("consensus", "none"):
+        return
+    if isinstance(export, int) and not isinstance(export, bool) and 0 <= export < num_agents:
+        return
+    raise ValueError(
+        f"export must be 'consensus', 'none' or an agent id in 0..{num_agents - 1}, got {export!r}."
+    )
+
+
+if "dimat" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "dimat", DIMATStrategy, description="DIMAT: N agents on a graph, merged by MergeCallback"
+    )
