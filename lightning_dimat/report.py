@@ -75,6 +75,13 @@ class AgentReport(Callback):
         self.test_results = agent_values(trainer.callback_metrics, self.test_metric)
         if self.test_results:
             self._print(self.test_results)
+            self._write_test(self.test_results)
+
+    @rank_zero_only
+    def _write_test(self, values: dict[int, float]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = {"metric": self.test_metric, "agents": values, "mean": sum(values.values()) / len(values)}
+        (self.output_dir / f"{self.name}_test.json").write_text(json.dumps(record, indent=2))
 
     @rank_zero_only
     def _print(self, values: dict[int, float]) -> None:

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -186,6 +187,9 @@ class DIMATStrategy(DDPStrategy):
         for _, agent in swarm.items():
             agent.trainer = trainer
         self._take_over_trainer_flags(trainer, swarm)
+        # Batch-transfer hooks go through the swarm, which applies the datamodule's or the agent's hook to
+        # each agent's batch (Lightning would otherwise hand the datamodule the whole {agent: batch} dict).
+        trainer._data_connector._datahook_selector = _DataHookSelector(swarm, None)
         super().connect(swarm)
 
     def _build_swarm(self, model: LightningModule, trainer: Trainer) -> AgentSwarm:
@@ -206,7 +210,7 @@ class DIMATStrategy(DDPStrategy):
             model.trainer = trainer_ref
         streams = AgentRandomStreams(self.seed, agent_ids, self.root_device)
         self._user_module = model
-        swarm = swarm_class_for(model)(agents, streams, world_size=self.world_size)
+        swarm = swarm_class_for(model)(agents, streams, self.num_agents, self.world_size)
         if self.agent_init == "reinit":
             # Runs after the agents' setup/configure_model hooks and before a checkpoint is restored.
             swarm.pending_initialisation = functools.partial(self._initialise_agents, swarm)
@@ -281,17 +285,6 @@ class DIMATStrategy(DDPStrategy):
                 return
             yield self.swarm.to_device(agent_id, batch)
             count += 1
-
-    # ------------------------------------------------------------ checkpoints
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        assert self.swarm is not None
-        saved = checkpoint.get("dimat", {}).get("agent_ids")
-        if saved is not None and sorted(saved) != list(range(self.num_agents)):
-            raise ValueError(
-                f"The checkpoint holds agents {sorted(saved)} but this run has num_agents={self.num_agents}; "
-                "resume with the same number of agents."
-            )
-        super().load_model_state_dict(checkpoint, strict=strict)
 
     # ----------------------------------------------------------------- export
     def teardown(self) -> None:

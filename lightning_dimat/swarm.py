@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -60,16 +60,22 @@ class AgentSwarm(LightningModule):
     Args:
         agents: ``{global agent id: LightningModule}`` living in this process.
         streams: the agents' random streams.
+        num_agents: number of agents over all processes (default: ``len(agents)``).
         world_size: number of processes the agents are spread over.
     """
 
     def __init__(
-        self, agents: Mapping[int, LightningModule], streams: AgentRandomStreams, world_size: int = 1
-    ):
+        self,
+        agents: Mapping[int, LightningModule],
+        streams: AgentRandomStreams,
+        num_agents: int | None = None,
+        world_size: int = 1,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.agents = nn.ModuleDict({str(agent_id): agent for agent_id, agent in agents.items()})
         self.agent_ids = sorted(agents)
+        self.num_agents = len(agents) if num_agents is None else num_agents
         self.streams = streams
         self.world_size = world_size
         self.gradient_clip_val: float | None = None
@@ -361,12 +367,19 @@ class AgentSwarm(LightningModule):
                     for agent_id, agent_batch in batch.items()
                 }
             )
-        return getattr(self.agent(self.agent_ids[0]), hook)(batch, *args)
+        return getattr(self._hook_owner(hook, self.agent_ids[0]), hook)(batch, *args)
+
+    def _hook_owner(self, hook: str, agent_id: int) -> Any:
+        """The datamodule if it overrides the batch-transfer ``hook`` (as in Lightning), else the agent."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and is_overridden(hook, datamodule, LightningDataModule):
+            return datamodule
+        return self.agent(agent_id)
 
     def transfer_agent_batch(self, hook: str, agent_id: int, batch: Any, *args: Any) -> Any:
-        """Runs agent ``agent_id``'s batch-transfer ``hook`` on one of its batches."""
+        """Runs ``hook`` (a batch-transfer hook) on one of agent ``agent_id``'s batches, in its stream."""
         with self.streams.activate(agent_id):
-            return getattr(self.agent(agent_id), hook)(batch, *args)
+            return getattr(self._hook_owner(hook, agent_id), hook)(batch, *args)
 
     def to_device(self, agent_id: int, batch: Any) -> Any:
         """One of agent ``agent_id``'s raw batches, through its three transfer hooks onto the device."""
@@ -383,7 +396,7 @@ class AgentSwarm(LightningModule):
                 agent.on_save_checkpoint(own)
             extra[agent_id] = own
         checkpoint["dimat"] = {
-            "agent_ids": list(self.agent_ids),
+            "num_agents": self.num_agents,
             "random_streams": self.streams.state_dict(),
             "agent_checkpoint_extras": extra,
         }
@@ -394,6 +407,11 @@ class AgentSwarm(LightningModule):
             raise KeyError(
                 "This checkpoint was not written by DIMATStrategy (it has no 'dimat' entry). To start agents "
                 "from a plain checkpoint, load it into your module and pass that module to fit()."
+            )
+        if saved["num_agents"] != self.num_agents:
+            raise ValueError(
+                f"The checkpoint holds agents {list(range(saved['num_agents']))} but this run has "
+                f"num_agents={self.num_agents}; resume with the same number of agents."
             )
         self.streams.load_state_dict(saved["random_streams"])
         for agent_id, agent in self.items():

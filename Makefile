@@ -1,0 +1,46 @@
+# make demo  — set up .venv (if missing) and run the quick-start DIMAT job, then the same run without merging
+# make test  — set up .venv (if missing) and run the test suite
+# make lint / make docs / make bench
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The PyTorch build to install; the default is the one this project's machines carry on disk.
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test lint format docs bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PACKAGES)
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml
+	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml --config configs/local_only.yaml
+	$(BIN)/python examples/compare_runs.py outputs/quickstart outputs/quickstart_local
+	@echo "Plot of accuracy per agent: outputs/quickstart/accuracy.png"
+
+test: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf outputs site lightning_logs .pytest_cache
