@@ -31,16 +31,22 @@ class DIMATCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def main(args: Any = None) -> None:
-    """Entry point of the ``lightning-dimat`` console script."""
-    DIMATCLI(
+def build_cli(args: Any = None, run: bool = True) -> DIMATCLI:
+    """The CLI over any LightningModule/LightningDataModule named by ``class_path``; returns it."""
+    return DIMATCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args: Any = None) -> None:
+    """Entry point of the ``lightning-dimat`` console script."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The ``lightning-dimat`` CLI: YAML runs, W&B offline logging, and every shipped config instantiates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from lightning_dimat import DIMATStrategy, MergeCallback
+from lightning_dimat.cli import build_cli, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
+SHORT = ["--trainer.max_epochs=2", "--trainer.enable_model_summary=false"]
+
+
+def test_quickstart_yaml_run_writes_plot_and_test_table(
+    tmp_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *SHORT])
+    output = capsys.readouterr().out
+    assert "Per-agent test_acc" in output and "mean |" in output
+    report = tmp_cwd / "outputs/quickstart"
+    assert (report / "accuracy.png").stat().st_size > 0
+    history = json.loads((report / "accuracy.json").read_text())
+    assert [entry["epoch"] for entry in history["history"]] == [0, 1]
+    assert history["merge_epochs"] == [1]
+    test = json.loads((report / "accuracy_test.json").read_text())
+    assert len(test["agents"]) == 5
+    assert test["mean"] == pytest.approx(sum(test["agents"].values()) / 5)
+
+
+def test_wandb_offline_run_logs_agent_mean_and_merge_metrics(tmp_cwd: Path) -> None:
+    import wandb
+
+    configs = [
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        "--config",
+        str(ROOT / "configs/quickstart_wandb.yaml"),
+    ]
+    cli = build_cli(["fit", *configs, "--test_after_fit=false", *SHORT])
+    try:
+        run = cli.trainer.logger.experiment
+        assert run.settings.mode == "offline" or run.offline
+        logged = set(dict(run.summary))
+    finally:
+        wandb.finish()
+    assert {"val_acc", "agent_0/val_acc", "agent_4/val_acc", "merge/round", "merge/bytes"} <= logged
+    (run_dir,) = (tmp_cwd / "outputs/wandb").glob("offline-run-*")
+    assert list(run_dir.glob("*.wandb"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(path.relative_to(ROOT)) for path in CONFIGS])
+def test_every_config_parses_and_instantiates(config: Path, tmp_cwd: Path) -> None:
+    args = ["--config", str(config)]
+    if config.name != "quickstart.yaml" and config != (ROOT / "configs/quickstart.yaml"):
+        args = ["--config", str(ROOT / "configs/quickstart.yaml"), *args]
+    cli = build_cli(args, run=False)
+    assert isinstance(cli.trainer.strategy, DIMATStrategy)
+    assert isinstance(cli.model, LightningModule) and isinstance(cli.datamodule, LightningDataModule)
+    if "local_only" not in config.name:
+        assert any(isinstance(callback, MergeCallback) for callback in cli.trainer.callbacks)
