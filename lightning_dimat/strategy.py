@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
 from lightning_dimat.agent_data import AgentLoader, batches_per_epoch, clone_for_shard
-from lightning_dimat.agent_rng import AgentRandomStreams, agent_seed, seeded
+from lightning_dimat.agent_rng import LIBRARIES, AgentRandomStreams, agent_seed, seeded
 from lightning_dimat.merge import MERGE_METHODS, load_state_in_place, recompute_batchnorm, weighted_state
 from lightning_dimat.partition import PARTITIONS, dataset_labels, partition
 from lightning_dimat.placement import agents_on_rank
@@ -58,6 +58,11 @@ class DIMATStrategy(DDPStrategy):
         export: after ``fit``, what is loaded into your module: an agent id, ``"consensus"`` (all agents
             merged into agent 0's basis with equal weights by the merge callback's method, BatchNorm
             re-estimated on every agent's data) or ``"none"``.
+        random_streams: global generators each agent gets its own stream of, so its randomness does not
+            depend on the other agents: ``"torch"`` (dropout, torchvision transforms; always), plus
+            ``"numpy"`` and/or ``"python"`` if your module or main-process data pipeline draws from
+            ``np.random``/``random`` (a warning says so when they are used untracked). Workers of a
+            ``DataLoader`` are seeded per agent either way.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -77,6 +82,7 @@ class DIMATStrategy(DDPStrategy):
         agent_init: Literal["reinit", "copy"] = "reinit",
         seed: int = 0,
         export: Export = "consensus",
+        random_streams: Sequence[str] = ("torch",),
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -109,6 +115,13 @@ class DIMATStrategy(DDPStrategy):
         self.seed = int(seed)
         _check_export(export, num_agents)
         self.export = export
+        self.random_streams = tuple(random_streams)
+        unknown = sorted(set(self.random_streams) - set(LIBRARIES))
+        if unknown or "torch" not in self.random_streams:
+            raise ValueError(
+                "random_streams must include 'torch' and may add 'numpy' and 'python', "
+                f"got {random_streams!r}."
+            )
         self.swarm: AgentSwarm | None = None
         self._user_module: LightningModule | None = None
         self._clip_val: float | None = None
@@ -208,7 +221,7 @@ class DIMATStrategy(DDPStrategy):
             agents = {agent_id: copy.deepcopy(model) for agent_id in agent_ids}
         finally:
             model.trainer = trainer_ref
-        streams = AgentRandomStreams(self.seed, agent_ids, self.root_device)
+        streams = AgentRandomStreams(self.seed, agent_ids, self.root_device, self.random_streams)
         self._user_module = model
         swarm = swarm_class_for(model)(agents, streams, self.num_agents, self.world_size)
         if self.agent_init == "reinit":

@@ -20,6 +20,7 @@ from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -27,7 +28,7 @@ from torchmetrics import Metric
 
 from lightning_dimat.agent_data import AgentBatch
 from lightning_dimat.agent_logging import AgentLogRouter
-from lightning_dimat.agent_rng import AgentRandomStreams
+from lightning_dimat.agent_rng import LIBRARIES, AgentRandomStreams, untracked_fingerprint
 from lightning_dimat.swarm_optimizer import SwarmOptimizer
 
 # Hooks that run on every agent when the user's module overrides them (batch hooks get the agent's batch).
@@ -42,7 +43,6 @@ _PLAIN_HOOKS = (
     "on_test_end",
     "on_predict_start",
     "on_predict_end",
-    "on_train_epoch_start",
     "on_validation_epoch_start",
     "on_test_epoch_start",
     "on_predict_epoch_start",
@@ -84,6 +84,8 @@ class AgentSwarm(LightningModule):
         self.router = AgentLogRouter(self)
         self._active_agents: list[int] = []
         self.pending_initialisation: Callable[[], None] | None = None
+        self._untracked_random_state: tuple[int, ...] | None = None
+        self._warned_untracked = False
         template = self.agent(self.agent_ids[0])
         self._hparams_name = getattr(template, "_hparams_name", None)
         if hasattr(template, "_hparams"):
@@ -217,6 +219,19 @@ class AgentSwarm(LightningModule):
             self._step_schedulers("step", swarm_optimizer.last_stepped)
             lightning_optimizer.zero_grad()
 
+    def _warn_about_untracked_randomness(self) -> None:
+        if self._warned_untracked or self._untracked_random_state is None:
+            return
+        if untracked_fingerprint(self.streams.libraries) != self._untracked_random_state:
+            self._warned_untracked = True
+            untracked = [name for name in LIBRARIES if name not in self.streams.libraries]
+            rank_zero_warn(
+                f"Something drew from the global {' or '.join(untracked)} random generator during the "
+                "training epoch. If it was agent code (e.g. augmentation in the main process), agents share "
+                "that stream and results depend on how agents are placed; give each agent its own with "
+                f"DIMATStrategy(random_streams={(*self.streams.libraries, *untracked)!r})."
+            )
+
     def _step_schedulers(self, interval: str, agent_ids: list[int]) -> None:
         swarm_optimizer = self.swarm_optimizer
         for agent_id in agent_ids:
@@ -295,7 +310,12 @@ class AgentSwarm(LightningModule):
         """The first agent's callbacks (all agents are copies of one module, so one set is enough)."""
         return self.agent(self.agent_ids[0]).configure_callbacks()
 
+    def on_train_epoch_start(self) -> None:
+        self._untracked_random_state = untracked_fingerprint(self.streams.libraries)
+        self._fan_out("on_train_epoch_start")
+
     def on_train_epoch_end(self) -> None:
+        self._warn_about_untracked_randomness()
         self._fan_out("on_train_epoch_end")
         self.router.flush_epoch()
         self._step_schedulers("epoch", self.agent_ids)
@@ -358,6 +378,8 @@ class AgentSwarm(LightningModule):
         return self._transfer("on_after_batch_transfer", batch, dataloader_idx)
 
     def _transfer(self, hook: str, batch: Any, *args: Any) -> Any:
+        if not self._transfer_hook_is_custom(hook):
+            return getattr(LightningModule, hook)(self, batch, *args)
         if isinstance(batch, AgentBatch):
             return AgentBatch(
                 {
@@ -368,6 +390,12 @@ class AgentSwarm(LightningModule):
                 }
             )
         return getattr(self._hook_owner(hook, self.agent_ids[0]), hook)(batch, *args)
+
+    def _transfer_hook_is_custom(self, hook: str) -> bool:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and is_overridden(hook, datamodule, LightningDataModule):
+            return True
+        return is_overridden(hook, self.agent(self.agent_ids[0]), LightningModule)
 
     def _hook_owner(self, hook: str, agent_id: int) -> Any:
         """The datamodule if it overrides the batch-transfer ``hook`` (as in Lightning), else the agent."""

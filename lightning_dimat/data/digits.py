@@ -22,7 +22,7 @@ class DigitsDataModule(LightningDataModule):
         >>> data = DigitsDataModule(batch_size=32)
         >>> data.setup("fit")
         >>> len(data.train_set), len(data.val_set)
-        (1257, 180)
+        (1259, 179)
     """
 
     def __init__(

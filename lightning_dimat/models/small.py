@@ -29,3 +29,26 @@ def mlp(
         width = size
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+@register_model("small_cnn")
+def small_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Sequential:
+    """Two conv blocks (Conv → BatchNorm → ReLU → MaxPool) and a linear head, for small images.
+
+    Example:
+        >>> import torch
+        >>> small_cnn(in_channels=3, num_classes=20)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 20])
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )

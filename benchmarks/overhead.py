@@ -1,0 +1,147 @@
+"""Overhead of DIMATStrategy: N agents in one DIMAT run (merging off) vs N plain ``Trainer.fit`` runs.
+
+Both sides train the same module on the same shards for the same epochs; only training time is timed
+(epoch start to epoch end, no validation), so the numbers compare the training loops themselves.
+Prints and saves (``benchmarks/results/overhead.json``) the median throughput ratio over repeats:
+``ratio = images/s with DIMATStrategy / images/s of the plain runs`` (goal: >= 0.95).
+
+    python benchmarks/overhead.py --repeats 5 --model small_cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from lightning_dimat import DIMATStrategy, partition
+from lightning_dimat.data import DigitsDataModule
+from lightning_dimat.models import ImageClassifier
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class TrainingClock(Callback):
+    """Sums wall time spent inside training epochs."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+
+def _trainer(clock: TrainingClock, epochs: int, **options: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+        **options,
+    )
+
+
+def _module(model: str) -> ImageClassifier:
+    options = {"in_features": 64} if model == "mlp" else {"in_channels": 1, "width": 32}
+    return ImageClassifier(model, options, num_classes=10, optimizer="msgd", lr=0.02)
+
+
+def run_dimat(train: TensorDataset, args: argparse.Namespace) -> float:
+    clock = TrainingClock()
+    strategy = DIMATStrategy(
+        num_agents=args.agents, partition=args.partition, agent_init="copy", export="none"
+    )
+    trainer = _trainer(clock, args.epochs, strategy=strategy)
+    trainer.fit(_module(args.model), DataLoader(train, batch_size=args.batch_size, shuffle=True))
+    return clock.seconds
+
+
+def run_plain(train: TensorDataset, args: argparse.Namespace) -> float:
+    shards = partition(train.tensors[1], args.agents, args.partition, seed=0)
+    total = 0.0
+    for shard in shards:
+        clock = TrainingClock()
+        trainer = _trainer(clock, args.epochs)
+        loader = DataLoader(Subset(train, shard.tolist()), batch_size=args.batch_size, shuffle=True)
+        trainer.fit(_module(args.model), loader)
+        total += clock.seconds
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--agents", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", choices=["mlp", "small_cnn"], default="small_cnn")
+    parser.add_argument("--partition", default="iid")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seed_everything(0, verbose=False)
+    data = DigitsDataModule()
+    data.setup("fit")
+    train = data.train_set
+    images = len(train) * args.epochs
+
+    run_dimat(train, args)  # warm-up (imports, allocator, first-call costs) for both sides
+    run_plain(train, args)
+    rows = []
+    for repeat in range(args.repeats):
+        # Alternate the order so drifts in machine speed hit both sides alike.
+        if repeat % 2 == 0:
+            dimat, plain = run_dimat(train, args), run_plain(train, args)
+        else:
+            plain, dimat = run_plain(train, args), run_dimat(train, args)
+        rows.append({"dimat_s": dimat, "plain_s": plain, "ratio": plain / dimat})
+        print(
+            f"repeat {repeat}: DIMAT {images / dimat:8.0f} img/s   plain {images / plain:8.0f} img/s   "
+            f"ratio {plain / dimat:.3f}"
+        )
+    result = {
+        "benchmark": "overhead",
+        "agents": args.agents,
+        "epochs": args.epochs,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "partition": args.partition,
+        "images_per_run": images,
+        "threads": args.threads,
+        "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} CPUs)",
+        "torch": torch.__version__,
+        "repeats": rows,
+        "median_dimat_images_per_s": images / statistics.median(row["dimat_s"] for row in rows),
+        "median_plain_images_per_s": images / statistics.median(row["plain_s"] for row in rows),
+        "median_ratio": statistics.median(row["ratio"] for row in rows),
+    }
+    print(f"median throughput ratio (DIMAT / plain): {result['median_ratio']:.3f}  (goal >= 0.95)")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()
