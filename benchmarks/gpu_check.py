@@ -39,6 +39,7 @@ class EpochClock(Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._start)
+        self.device = str(next(pl_module.parameters()).device)  # (teardown moves modules back to the CPU)
 
 
 def module() -> ImageClassifier:
@@ -78,7 +79,7 @@ def fit(accelerator: str, precision: str, epochs: int = 6, **options: Any) -> di
     metrics = {key: float(value) for key, value in run.callback_metrics.items()}
     return {
         "precision": precision,
-        "device": str(parameters[0].device),
+        "device_while_training": clock.device,
         "parameter_dtypes": sorted({str(p.dtype) for p in parameters}),
         "all_finite": all(bool(torch.isfinite(p).all()) for p in parameters),
         "val_acc_mean": metrics.get("val_acc"),

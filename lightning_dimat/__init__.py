@@ -1,6 +1,6 @@
 """lightning_dimat: DIMAT (Decentralized Iterative Merging-And-Training) for PyTorch Lightning.
 
-Example:
+Examples:
     >>> from lightning.pytorch import Trainer
     >>> from lightning_dimat import DIMATStrategy, MergeCallback
     >>> strategy = DIMATStrategy(topology="ring")

@@ -23,7 +23,7 @@ from lightning_dimat.agent_rng import AgentRandomStreams, agent_seed
 class ShardSampler(Sampler[int]):
     """Yields one agent's shard, reshuffled every epoch from ``(seed, agent id, epoch)`` when ``shuffle``.
 
-    Example:
+    Examples:
         >>> sampler = ShardSampler([4, 7, 9], shuffle=False)
         >>> list(sampler)
         [4, 7, 9]

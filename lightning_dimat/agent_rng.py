@@ -4,7 +4,7 @@ Each agent's dropout, data augmentation and shuffling draw from its own stream, 
 ``(seed, agent id)``. An agent's randomness therefore does not depend on which other agents share
 its process, and the streams are saved in checkpoints, so a resumed run continues them exactly.
 
-Example:
+Examples:
     >>> streams = AgentRandomStreams(seed=0, agent_ids=[0, 1])
     >>> with streams.activate(1):
     ...     x = torch.rand(1)  # drawn from agent 1's stream; the global stream is untouched

@@ -37,7 +37,7 @@ class MergeCallback(Callback):
             activation-based methods, for the activation statistics).
         recompute_batchnorm: re-estimate BatchNorm statistics after each merge.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_dimat import DIMATStrategy
         >>> merge = MergeCallback(every_n_epochs=2)

@@ -1,7 +1,7 @@
 """The ``lightning-dimat`` command: Lightning's CLI with the package imported (so ``strategy: dimat`` and
 every registry name resolve) and an optional test run right after ``fit``.
 
-Example:
+Examples:
     lightning-dimat fit --config configs/quickstart.yaml
 """
 

@@ -5,7 +5,7 @@ A *merge method* expresses neighbour states in a reference model's basis (it fin
 on local data afterwards. Methods live in :data:`MERGE_METHODS`; ``"average"`` (P = I, the paper's WA)
 is built in, and further methods register themselves with :func:`register_merge_method`.
 
-Example:
+Examples:
     >>> import torch.nn as nn
     >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     >>> merged = merge([a, b], [0.5, 0.5], method="average")
@@ -75,7 +75,7 @@ def weighted_state(states: Sequence[Mapping[str, Tensor]], weights: Sequence[flo
 
     Integer and boolean entries (e.g. BatchNorm's ``num_batches_tracked``) are taken from ``states[0]``.
 
-    Example:
+    Examples:
         >>> weighted_state([{"w": torch.ones(2)}, {"w": torch.zeros(2)}], [0.25, 0.75])["w"]
         tensor([0.2500, 0.2500])
     """
@@ -180,7 +180,7 @@ def recompute_batchnorm(
     the batches), then restores each layer's momentum and the model's mode. Returns the number of
     batches used (0 when the model has no BatchNorm: no data is read then).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
         >>> recompute_batchnorm(net, torch.randn(16, 3))
         1
@@ -215,7 +215,7 @@ def align(
 ) -> ModelT:
     """A copy of ``other`` expressed in ``reference``'s basis (functionally identical to ``other``).
 
-    Example:
+    Examples:
         >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
         >>> aligned = align(a, b, method="average")
         >>> torch.equal(aligned.weight, b.weight)

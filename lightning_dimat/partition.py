@@ -5,7 +5,7 @@ schemes are ``iid`` (stratified), ``by_class`` (the paper's non-IID split: whole
 ``dirichlet`` (per-class Dir(alpha) proportions) and ``shards`` (FedAvg-style label-sorted shards). Add your
 own with :func:`register_partition`; :func:`partition` checks that whatever a scheme returns is a partition.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from lightning_dimat.partition import partition
     >>> labels = np.repeat(np.arange(4), 3)  # 4 classes x 3 samples
@@ -57,7 +57,7 @@ def iid(labels: np.ndarray, num_agents: int, rng: np.random.Generator) -> list[n
     Each class's remainder samples go to the next agents in a round-robin that carries over from class to
     class, so total shard sizes also differ by at most one.
 
-    Example:
+    Examples:
         >>> shards = iid(np.repeat(np.arange(3), 5), 2, np.random.default_rng(0))
         >>> [len(s) for s in shards]
         [8, 7]
@@ -85,7 +85,7 @@ def by_class(
     is cut into N contiguous blocks and agent g gets every sample of block g; if K < N, agent g joins the
     group of class ``g * K // N`` and each class's shuffled samples are split evenly within its group.
 
-    Example:
+    Examples:
         >>> shards = by_class(np.repeat(np.arange(4), 2), 2, np.random.default_rng(0))
         >>> [s.tolist() for s in shards]
         [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -120,7 +120,7 @@ def dirichlet(
     Small ``alpha`` (0.1) gives each agent few dominant classes; large ``alpha`` (1e3) approaches ``iid``.
     Everything is redrawn until every agent holds at least ``min_size`` samples, at most ``max_tries`` times.
 
-    Example:
+    Examples:
         >>> shards = dirichlet(np.repeat(np.arange(3), 20), 2, np.random.default_rng(0), alpha=0.5)
         >>> sum(len(s) for s in shards)
         60
@@ -164,7 +164,7 @@ def shards(
 
     Ties in the label sort are broken randomly; shards are assigned by a random permutation.
 
-    Example:
+    Examples:
         >>> shards_ = shards(np.repeat(np.arange(4), 5), 2, np.random.default_rng(0))
         >>> [len(s) for s in shards_]
         [10, 10]
@@ -240,7 +240,7 @@ def partition(
     Returns:
         N sorted int64 index arrays, disjoint and together covering ``range(len(labels))``.
 
-    Example:
+    Examples:
         >>> [s.tolist() for s in partition([0, 0, 1, 1], num_agents=2, scheme="iid", seed=0)]
         [[0, 2], [1, 3]]
     """
@@ -275,7 +275,7 @@ def dataset_labels(dataset: Any) -> np.ndarray:
     Looks for a ``targets`` or ``labels`` attribute (torchvision ImageFolder/CIFAR/MNIST/SVHN), then
     unwraps ``TensorDataset`` (labels are ``tensors[1]``), ``Subset`` and ``ConcatDataset``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import Subset, TensorDataset
         >>> ds = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 4, 1]))
@@ -315,7 +315,7 @@ def dataset_labels(dataset: Any) -> np.ndarray:
 def shard_sizes_table(shards: Sequence[np.ndarray], labels: Sequence[Any] | np.ndarray | torch.Tensor) -> str:
     """A text table of each agent's sample count per class, for logging.
 
-    Example:
+    Examples:
         >>> print(shard_sizes_table([np.array([0, 1]), np.array([2])], [0, 1, 1]))
         agent  0  1  total
             0  1  1      2

@@ -1,6 +1,6 @@
 """Which agents live in which process: contiguous blocks of global agent ids.
 
-Example:
+Examples:
     >>> agents_on_rank(num_agents=5, world_size=2, rank=0)
     [0, 1, 2]
     >>> agents_on_rank(num_agents=5, world_size=2, rank=1)

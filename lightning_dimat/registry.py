@@ -3,7 +3,7 @@
 Topologies, partition schemes, merge methods and models are each kept in a :class:`Registry`.
 A config names an entry by its string key; a user adds one with the ``register`` decorator.
 
-Example:
+Examples:
     >>> from lightning_dimat.registry import Registry
     >>> COLOURS = Registry("colour")
     >>> @COLOURS.register("red")

@@ -42,7 +42,7 @@ class AgentReport(Callback):
         output_dir: where ``<name>.png`` and ``<name>.json`` are written.
         name: file stem of the outputs.
 
-    Example:
+    Examples:
         >>> report = AgentReport(monitor="val_acc", test_metric="test_acc", output_dir="outputs")
     """
 

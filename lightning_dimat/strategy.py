@@ -64,7 +64,7 @@ class DIMATStrategy(DDPStrategy):
             ``np.random``/``random`` (a warning says so when they are used untracked). Workers of a
             ``DataLoader`` are seeded per agent either way.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(strategy=DIMATStrategy(topology="ring"), max_epochs=1)  # doctest: +SKIP
     """

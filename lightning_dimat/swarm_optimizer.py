@@ -29,7 +29,7 @@ class SwarmOptimizer(Optimizer):
         before_agent_step: called as ``fn(agent_id, optimizer)`` right before an agent's step (the swarm
             clips gradients there).
 
-    Example:
+    Examples:
         >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
         >>> sgd = {0: torch.optim.SGD(a.parameters(), lr=0.1), 1: torch.optim.SGD(b.parameters(), lr=0.1)}
         >>> swarm = SwarmOptimizer(sgd)

@@ -7,7 +7,7 @@ Graphs come from the ``GRAPHS`` registry (``ring``, ``fully_connected``/``fc``, 
 (``metropolis_hastings``, ``uniform``, ``max_degree``). Add your own with the ``register_topology`` and
 ``register_mixing_rule`` decorators.
 
-Example:
+Examples:
     >>> topology = build_topology("ring", num_agents=5)
     >>> topology.neighbors(0), round(topology.weights(0)[1], 4)
     ([1, 4], 0.3333)
@@ -196,7 +196,7 @@ def validate_mixing(mixing: npt.ArrayLike, atol: float = 1e-6) -> np.ndarray:
     Valid means: square, N >= 2, finite, non-negative, symmetric, rows and columns summing to 1 (all
     within ``atol``) and a connected graph of non-zero off-diagonal weights.
 
-    Example:
+    Examples:
         >>> validate_mixing([[0.5, 0.5], [0.5, 0.5]]).dtype
         dtype('float64')
     """
@@ -251,7 +251,7 @@ class Topology:
     Args:
         mixing: NxN symmetric, doubly stochastic, non-negative mixing matrix of a connected graph.
 
-    Example:
+    Examples:
         >>> topology = Topology.from_name("fully_connected", 4)
         >>> topology.num_agents, topology.degree(0), round(topology.rho, 6)
         (4, 3, 0.0)
@@ -282,7 +282,7 @@ class Topology:
 
         Nodes that are not exactly 0..N-1 are relabelled in sorted order; self-loops are ignored.
 
-        Example:
+        Examples:
             >>> Topology.from_graph(nx.path_graph(3)).neighbors(1)
             [0, 2]
         """
@@ -308,7 +308,7 @@ class Topology:
     def from_adjacency(cls, adjacency: npt.ArrayLike, rule: str = "metropolis_hastings") -> Topology:
         """Builds a topology from a symmetric 0/1 (or boolean) adjacency matrix; the diagonal is ignored.
 
-        Example:
+        Examples:
             >>> Topology.from_adjacency([[0, 1], [1, 0]]).mixing.tolist()
             [[0.5, 0.5], [0.5, 0.5]]
         """
@@ -336,7 +336,7 @@ class Topology:
     ) -> Topology:
         """Builds the registered graph ``name`` on ``num_agents`` agents and weights it with ``rule``.
 
-        Example:
+        Examples:
             >>> Topology.from_name("torus", 6).degree(0)
             3
         """
@@ -435,7 +435,7 @@ def build_topology(
     itself. ``rule`` is ignored for mixing matrices and ``Topology`` objects; ``options`` go only to
     name-based graph builders.
 
-    Example:
+    Examples:
         >>> build_topology([[0, 1, 1], [1, 0, 1], [1, 1, 0]], num_agents=3).mixing[0].round(4).tolist()
         [0.3333, 0.3333, 0.3333]
     """

@@ -18,7 +18,7 @@ class DigitsDataModule(LightningDataModule):
         seed: seed of the split.
         num_workers: DataLoader workers.
 
-    Example:
+    Examples:
         >>> data = DigitsDataModule(batch_size=32)
         >>> data.setup("fit")
         >>> len(data.train_set), len(data.val_set)

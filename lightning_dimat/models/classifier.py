@@ -27,7 +27,7 @@ class ImageClassifier(LightningModule):
         momentum: momentum for ``"msgd"``.
         weight_decay: L2 penalty.
 
-    Example:
+    Examples:
         >>> module = ImageClassifier("mlp", {"in_features": 64}, num_classes=10)
         >>> module(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])

@@ -16,7 +16,7 @@ register_model = MODELS.register
 def build_model(name: str, **options: Any) -> nn.Module:
     """Builds the registered network ``name`` with ``options``.
 
-    Example:
+    Examples:
         >>> build_model("mlp", in_features=64, num_classes=10).__class__.__name__
         'Sequential'
     """

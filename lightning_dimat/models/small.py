@@ -15,7 +15,7 @@ def mlp(
 ) -> nn.Sequential:
     """Flatten → [Linear → BatchNorm1d → ReLU] × len(hidden) → Linear.
 
-    Example:
+    Examples:
         >>> mlp(in_features=64, num_classes=10, hidden=(32,))
         Sequential(...)
     """
@@ -35,7 +35,7 @@ def mlp(
 def small_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> nn.Sequential:
     """Two conv blocks (Conv → BatchNorm → ReLU → MaxPool) and a linear head, for small images.
 
-    Example:
+    Examples:
         >>> import torch
         >>> small_cnn(in_channels=3, num_classes=20)(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 20])
