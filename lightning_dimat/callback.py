@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_dimat.merge import MERGE_METHODS, load_state_in_place, recompute_batchnorm, weighted_state
+from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy
 
 StateDict = dict[str, Tensor]
@@ -31,11 +32,14 @@ class MergeCallback(Callback):
 
     Args:
         every_n_epochs: merge after epochs e (0-based) with ``(e + 1) % every_n_epochs == 0``.
-        method: a name in :data:`~lightning_dimat.merge.MERGE_METHODS`: ``"average"`` (the paper's WA).
+        method: a name in :data:`~lightning_dimat.merge.MERGE_METHODS`: ``"activation"`` (DIMAT: activation
+            matching), ``"weight"`` (weight matching, the paper's WM) or ``"average"`` (the paper's WA).
         start_epoch: no merge before this (0-based) epoch.
         num_batches: batches of each agent's own data used for BatchNorm re-estimation (and, for
             activation-based methods, for the activation statistics).
         recompute_batchnorm: re-estimate BatchNorm statistics after each merge.
+        spec: a hand-written :class:`~lightning_dimat.permutation.PermutationSpec` (default: derived from the
+            model by ``torch.fx`` tracing, or taken from the model's own ``permutation_spec`` method).
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -47,10 +51,11 @@ class MergeCallback(Callback):
     def __init__(
         self,
         every_n_epochs: int = 2,
-        method: str = "average",
+        method: str = "activation",
         start_epoch: int = 0,
         num_batches: int = 10,
         recompute_batchnorm: bool = True,
+        spec: PermutationSpec | None = None,
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}.")
@@ -64,6 +69,7 @@ class MergeCallback(Callback):
         self.start_epoch = start_epoch
         self.num_batches = num_batches
         self.recompute_batchnorm = recompute_batchnorm
+        self.spec = spec
         self.round = 0
         self.merged_epochs: list[int] = []
 
@@ -102,8 +108,14 @@ class MergeCallback(Callback):
             received_bytes += sum(state_bytes(states[j]) for j in order[1:])
             data = list(strategy.local_batches(agent_id, self.num_batches)) if method.requires_data else None
             with strategy.swarm.streams.activate(agent_id):
-                aligned = method(agent, [states[j] for j in order], data)
-            merged[agent_id] = weighted_state(aligned, [weights[j] for j in order])
+                aligned = method(
+                    agent,
+                    [states[j] for j in order[1:]],
+                    data,
+                    spec=self.spec,
+                    forward_context=trainer.precision_plugin.forward_context,
+                )
+            merged[agent_id] = weighted_state([states[agent_id], *aligned], [weights[j] for j in order])
         for agent_id, agent in swarm.items():
             load_state_in_place(agent, merged[agent_id])
             if self.recompute_batchnorm:

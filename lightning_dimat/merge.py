@@ -2,8 +2,9 @@
 
 A *merge method* expresses neighbour states in a reference model's basis (it finds the P_ij);
 :func:`weighted_state` takes the weighted sum; :func:`recompute_batchnorm` refreshes BatchNorm statistics
-on local data afterwards. Methods live in :data:`MERGE_METHODS`; ``"average"`` (P = I, the paper's WA)
-is built in, and further methods register themselves with :func:`register_merge_method`.
+on local data afterwards. Methods live in :data:`MERGE_METHODS`: ``"activation"`` (DIMAT's activation
+matching), ``"weight"`` (weight matching, the paper's WM) and ``"average"`` (P = I, the paper's WA);
+add your own with :func:`register_merge_method`.
 
 Examples:
     >>> import torch.nn as nn
@@ -16,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol, TypeVar
@@ -23,6 +25,11 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
+from lightning_dimat.permutation.activation import match_activations
+from lightning_dimat.permutation.apply import permute_state
+from lightning_dimat.permutation.cache import spec_for
+from lightning_dimat.permutation.spec import PermutationSpec
+from lightning_dimat.permutation.weight import match_weights
 from lightning_dimat.registry import Registry
 
 StateDict = dict[str, Tensor]
@@ -30,12 +37,15 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 class MergeMethod(Protocol):
-    """Expresses neighbour states in ``reference``'s basis.
+    """Expresses neighbour states in ``reference``'s basis (finds the P_ij of x_i ← Σ_j π_ij P_ij x_j).
 
     Args:
-        reference: the model whose basis the result is in (agent i itself).
-        states: neighbour ``state_dict``s (same architecture as ``reference``).
-        data: batches of agent i's own data, for methods that look at activations (``None`` otherwise).
+        reference: the model whose basis the results are in (agent i itself; P_ii = I).
+        states: the neighbours' ``state_dict``s (same architecture as ``reference``; not agent i's own).
+        data: batches of agent i's own data (``None`` for methods with ``requires_data = False``); for
+            activation matching the statistics' samples, for weight matching only the shapes to trace.
+        spec: a :class:`~lightning_dimat.permutation.PermutationSpec` to use instead of deriving one.
+        forward_context: wraps forward passes (e.g. Lightning's autocast context).
 
     Returns:
         one ``state_dict`` per entry of ``states``, each functionally identical to its input.
@@ -44,7 +54,13 @@ class MergeMethod(Protocol):
     requires_data: bool
 
     def __call__(
-        self, reference: nn.Module, states: Sequence[Mapping[str, Tensor]], data: Iterable[Any] | None
+        self,
+        reference: nn.Module,
+        states: Sequence[Mapping[str, Tensor]],
+        data: Iterable[Any] | None,
+        *,
+        spec: PermutationSpec | None = None,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> list[StateDict]: ...
 
 
@@ -64,10 +80,57 @@ def register_merge_method(name: str, *aliases: str, requires_data: bool) -> Call
 
 @register_merge_method("average", "wa", requires_data=False)
 def average_alignment(
-    reference: nn.Module, states: Sequence[Mapping[str, Tensor]], data: Iterable[Any] | None = None
+    reference: nn.Module, states: Sequence[Mapping[str, Tensor]], data: Iterable[Any] | None = None, **_: Any
 ) -> list[StateDict]:
-    """Plain weight averaging: every P_ij is the identity."""
+    """Plain weight averaging (the paper's WA): every P_ij is the identity."""
     return [dict(state) for state in states]
+
+
+@register_merge_method("activation", "am", "dimat", requires_data=True)
+def activation_alignment(
+    reference: nn.Module,
+    states: Sequence[Mapping[str, Tensor]],
+    data: Iterable[Any] | None,
+    *,
+    spec: PermutationSpec | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> list[StateDict]:
+    """Activation matching (DIMAT): permutations from the correlation of hidden activations on ``data``."""
+    first, inputs = _peek_inputs(reference, data)
+    spec = spec_for(reference, first, spec)
+    permutations = match_activations(spec, reference, states, inputs, forward_context)
+    return [permute_state(state, spec, found) for state, found in zip(states, permutations, strict=True)]
+
+
+@register_merge_method("weight", "wm", requires_data=True)
+def weight_alignment(
+    reference: nn.Module,
+    states: Sequence[Mapping[str, Tensor]],
+    data: Iterable[Any] | None,
+    *,
+    spec: PermutationSpec | None = None,
+    **_: Any,
+) -> list[StateDict]:
+    """Weight matching (the paper's WM, Git Re-Basin): permutations from the weights alone.
+
+    ``data`` is only used to trace the model's shapes (its first batch).
+    """
+    first, _ = _peek_inputs(reference, data)
+    spec = spec_for(reference, first, spec)
+    own = reference.state_dict()
+    return [permute_state(state, spec, match_weights(spec, own, state)) for state in states]
+
+
+def _peek_inputs(model: nn.Module, data: Iterable[Any] | Tensor | None) -> tuple[Any, Iterator[Any]]:
+    """The first model input (on the model's device) and an iterator over all of them, first included."""
+    if data is None:
+        raise ValueError("This merge method needs `data`: batches (or a tensor) of model inputs.")
+    device = _model_device(model)
+    inputs = (_to_device(batch, device) for batch in model_inputs(data))
+    first = next(inputs, None)
+    if first is None:
+        raise ValueError("This merge method got empty `data`.")
+    return first, itertools.chain([first], inputs)
 
 
 def weighted_state(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
@@ -211,9 +274,21 @@ def recompute_batchnorm(
 
 
 def align(
-    reference: nn.Module, other: ModelT, method: str = "average", data: Iterable[Any] | Tensor | None = None
+    reference: nn.Module,
+    other: ModelT,
+    method: str = "activation",
+    data: Iterable[Any] | Tensor | None = None,
+    spec: PermutationSpec | None = None,
 ) -> ModelT:
     """A copy of ``other`` expressed in ``reference``'s basis (functionally identical to ``other``).
+
+    Args:
+        reference: the model whose basis the result is in.
+        other: the model to permute (same architecture).
+        method: ``"activation"`` (correlation of activations on ``data``), ``"weight"`` (weights only;
+            ``data`` just traces shapes) or ``"average"`` (no permutation).
+        data: a DataLoader, an iterable of batches whose first element is the input, or a tensor.
+        spec: a hand-written :class:`~lightning_dimat.permutation.PermutationSpec` (default: derived).
 
     Examples:
         >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
@@ -223,7 +298,7 @@ def align(
     """
     aligner = MERGE_METHODS.get(method)
     _check_data(method, aligner, data)
-    (state,) = aligner(reference, [other.state_dict()], data)
+    (state,) = aligner(reference, [other.state_dict()], data, spec=spec)
     aligned = copy.deepcopy(other)
     load_state_in_place(aligned, state)
     return aligned
@@ -232,18 +307,21 @@ def align(
 def merge(
     models: Sequence[ModelT],
     weights: Sequence[float] | None = None,
-    method: str = "average",
+    method: str = "activation",
     data: Iterable[Any] | Tensor | None = None,
     num_batches: int | None = None,
+    spec: PermutationSpec | None = None,
 ) -> ModelT:
     """Σ_j w_j P_j x_j in ``models[0]``'s basis, as a new model of ``models[0]``'s class.
 
     Args:
-        models: models of one architecture; the first one fixes the basis.
+        models: models of one architecture; the first one fixes the basis (P_0 = I).
         weights: one weight per model (default: uniform); they should sum to 1.
-        method: a name in :data:`MERGE_METHODS`.
-        data: batches for activation-based methods and for BatchNorm re-estimation (skipped when ``None``).
+        method: a name in :data:`MERGE_METHODS` (``"activation"``, ``"weight"``, ``"average"``).
+        data: batches for matching and for BatchNorm re-estimation (skipped when ``None``); must be
+            re-iterable (a DataLoader, a list, a tensor).
         num_batches: how many batches of ``data`` to use (default: all).
+        spec: a hand-written :class:`~lightning_dimat.permutation.PermutationSpec` (default: derived).
     """
     if not models:
         raise ValueError("merge() needs at least one model.")
@@ -251,8 +329,12 @@ def merge(
     aligner = MERGE_METHODS.get(method)
     _check_data(method, aligner, data)
     limited = None if data is None else _Limited(data, num_batches)
-    aligned = aligner(models[0], [model.state_dict() for model in models], limited)
-    merged = copy.deepcopy(models[0])
+    reference = models[0]
+    aligned = [
+        reference.state_dict(),
+        *aligner(reference, [m.state_dict() for m in models[1:]], limited, spec=spec),
+    ]
+    merged = copy.deepcopy(reference)
     load_state_in_place(merged, weighted_state(aligned, weights))
     if limited is not None:
         recompute_batchnorm(merged, limited)

@@ -323,19 +323,21 @@ class DIMATStrategy(DDPStrategy):
     def consensus_state(self, num_batches: int | None = 10) -> dict[str, torch.Tensor]:
         """All agents merged with equal weights in agent 0's basis; BatchNorm re-estimated on all shards."""
         assert self.swarm is not None
-        method_name = self._merge_method_name()
-        method = MERGE_METHODS.get(method_name)
-        reference_id = self.swarm.agent_ids[0]
+        callback = self._merge_callback()
+        method = MERGE_METHODS.get(callback.method if callback is not None else "average")
+        reference_id, *others = self.swarm.agent_ids
         reference = self.swarm.agent(reference_id)
-        data = (
-            list(self.local_batches(reference_id, num_batches))
-            if method.requires_data and self.agent_loaders
-            else None
+        data = list(self.local_batches(reference_id, num_batches)) if method.requires_data else None
+        aligned = method(
+            reference,
+            [self.swarm.agent(agent_id).state_dict() for agent_id in others],
+            data,
+            spec=callback.spec if callback is not None else None,
+            forward_context=self.precision_plugin.forward_context,
         )
-        states = [agent.state_dict() for _, agent in self.swarm.items()]
-        aligned = method(reference, states, data)
+        states = [reference.state_dict(), *aligned]
         consensus = copy.deepcopy(reference)
-        load_state_in_place(consensus, weighted_state(aligned, [1.0 / len(states)] * len(states)))
+        load_state_in_place(consensus, weighted_state(states, [1.0 / len(states)] * len(states)))
         if self.agent_loaders:
             batches = [
                 batch
@@ -345,14 +347,12 @@ class DIMATStrategy(DDPStrategy):
             recompute_batchnorm(consensus, batches, forward_context=self.precision_plugin.forward_context)
         return consensus.state_dict()
 
-    def _merge_method_name(self) -> str:
+    def _merge_callback(self) -> Any:
         from lightning_dimat.callback import MergeCallback
 
         trainer = self.lightning_module._trainer if self.lightning_module is not None else None
-        for callback in getattr(trainer, "callbacks", []) if trainer is not None else []:
-            if isinstance(callback, MergeCallback):
-                return callback.method
-        return "average"
+        callbacks = trainer.callbacks if trainer is not None else []
+        return next((callback for callback in callbacks if isinstance(callback, MergeCallback)), None)
 
 
 def _check_export(export: Any, num_agents: int) -> None:

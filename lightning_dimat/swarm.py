@@ -11,6 +11,7 @@ agents (see :mod:`lightning_dimat.agent_logging`).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -111,9 +112,11 @@ class AgentSwarm(LightningModule):
 
     def _wire_agent(self, agent_id: int) -> None:
         agent = self.agent(agent_id)
-        agent.log = functools.partial(self.router.log, agent_id)  # type: ignore[method-assign]
-        agent.optimizers = functools.partial(self._agent_optimizer, agent_id)  # type: ignore[method-assign]
-        agent.lr_schedulers = functools.partial(self._agent_schedulers, agent_id)  # type: ignore[method-assign]
+        # Weak references: a deep copy of an agent (merging, exporting) must not drag the whole swarm along.
+        router, swarm = weakref.ref(self.router), weakref.ref(self)
+        agent.log = functools.partial(_call_weakly, router, "log", agent_id)  # type: ignore[method-assign]
+        agent.optimizers = functools.partial(_call_weakly, swarm, "_agent_optimizer", agent_id)  # type: ignore[method-assign]
+        agent.lr_schedulers = functools.partial(_call_weakly, swarm, "_agent_schedulers", agent_id)  # type: ignore[method-assign]
         for module in agent.modules():
             if isinstance(module, Metric):
                 # Agent metrics are per agent: never average them with other processes' agents.
@@ -458,6 +461,15 @@ for _hook in _PLAIN_HOOKS:
         return fan_out
 
     setattr(AgentSwarm, _hook, _make(_hook))
+
+
+def _call_weakly(target: weakref.ref, method: str, agent_id: int, *args: Any, **kwargs: Any) -> Any:
+    owner = target()
+    if owner is None:
+        raise RuntimeError(
+            f"Agent {agent_id}'s swarm no longer exists; log and optimizers() work only inside it."
+        )
+    return getattr(owner, method)(agent_id, *args, **kwargs)
 
 
 def _batch_size(batch: Any) -> int | None:

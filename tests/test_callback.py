@@ -46,7 +46,7 @@ class _Frozen(TinyNet):
 @pytest.mark.parametrize("topology", ["ring", "fully_connected", "star"])
 def test_average_merge_preserves_the_mean_of_the_agents_parameters(topology: str) -> None:
     snapshots = _Snapshots()
-    merge = MergeCallback(every_n_epochs=1, recompute_batchnorm=False)
+    merge = MergeCallback(every_n_epochs=1, method="average", recompute_batchnorm=False)
     trainer = make_trainer(
         strategy=DIMATStrategy(num_agents=4, topology=topology), callbacks=[snapshots, merge], max_epochs=1
     )
@@ -65,7 +65,7 @@ def test_average_merge_preserves_the_mean_of_the_agents_parameters(topology: str
 
 def test_average_merge_of_identical_agents_is_the_identity() -> None:
     snapshots = _Snapshots()
-    merge = MergeCallback(every_n_epochs=1, recompute_batchnorm=False)
+    merge = MergeCallback(every_n_epochs=1, method="average", recompute_batchnorm=False)
     trainer = make_trainer(
         strategy=DIMATStrategy(num_agents=3, agent_init="copy"), callbacks=[snapshots, merge], max_epochs=1
     )
@@ -156,7 +156,7 @@ def test_merging_helps_on_non_iid_data() -> None:
         return float(trainer.callback_metrics["val_acc"])
 
     # Each agent sees two of the four classes: alone it is right at most half of the time.
-    local, merged = mean_accuracy([]), mean_accuracy([MergeCallback(every_n_epochs=1)])
+    local, merged = mean_accuracy([]), mean_accuracy([MergeCallback(every_n_epochs=1, method="average")])
     assert local <= 0.5
     assert merged > local + 0.2
 

@@ -64,7 +64,7 @@ def test_merging_identical_agents_is_the_identity() -> None:
 
 def test_weight_one_on_self_is_the_identity() -> None:
     model = _net(1)
-    merged = merge([model, _net(2)], [1.0, 0.0])
+    merged = merge([model, _net(2)], [1.0, 0.0], method="average")
     assert _same(merged.state_dict(), model.state_dict())
 
 
@@ -91,7 +91,7 @@ def test_merge_returns_a_plain_model_of_the_input_class() -> None:
             return self.body(x)
 
     models = [Custom(1), Custom(2)]
-    merged = merge(models, [0.5, 0.5], data=torch.randn(32, 4))
+    merged = merge(models, [0.5, 0.5], method="average", data=torch.randn(32, 4))
     assert type(merged) is Custom
     Custom(5).load_state_dict(merged.state_dict(), strict=True)
     expected = (models[0].body[0].weight + models[1].body[0].weight) / 2

@@ -1,0 +1,210 @@
+"""Activation matching (the DIMAT paper's Eq. 1): one linear assignment per group on the cross-correlation
+of the reference's and the other model's hidden activations, collected on the *reference's* data.
+
+Statistics are streamed batch by batch: per group only the means, variances and the C×C cross term are
+kept (pixels count as samples for convolutions), never whole activations. The reference runs once per
+batch; each other model runs on the same batch with its own weights swapped in
+(``torch.func.functional_call``), so a merge costs (number of models) forward passes per batch.
+
+Examples:
+    >>> import torch, torch.nn as nn
+    >>> from lightning_dimat.permutation.tracing import permutation_spec
+    >>> from lightning_dimat.permutation.apply import permute_state
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> x = torch.randn(64, 4)
+    >>> spec = permutation_spec(net, x)
+    >>> shuffled = permute_state(net.state_dict(), spec, {"0": torch.randperm(16)})
+    >>> (found,) = match_activations(spec, net, [shuffled], [x])
+    >>> torch.equal(permute_state(shuffled, spec, found)["0.weight"], net[0].weight)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+
+from lightning_dimat.permutation.spec import PermutationSpec
+
+_SINK: ContextVar[Callable[[str, Tensor], None] | None] = ContextVar(
+    "lightning_dimat_probe_sink", default=None
+)
+
+
+def record_probe(value: Tensor, name: str) -> None:
+    """Called from instrumented graphs: hands a probe's activation to the active sink."""
+    sink = _SINK.get()
+    if sink is not None:
+        sink(name, value)
+
+
+@contextmanager
+def _sink(function: Callable[[str, Tensor], None]) -> Iterator[None]:
+    token = _SINK.set(function)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
+class CrossStatistics:
+    """Streaming first and second moments of two activations of C units, and their C×C cross term."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        options = {"dtype": torch.float64, "device": device}
+        self.count = 0
+        self.sum_a, self.sum_b = torch.zeros(size, **options), torch.zeros(size, **options)
+        self.square_a, self.square_b = torch.zeros(size, **options), torch.zeros(size, **options)
+        self.cross = torch.zeros(size, size, **options)
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        """Adds samples: ``a`` and ``b`` are (samples, C)."""
+        a, b = a.float(), b.float()
+        self.count += a.shape[0]
+        self.sum_a += a.sum(0, dtype=torch.float64)
+        self.sum_b += b.sum(0, dtype=torch.float64)
+        self.square_a += a.square().sum(0, dtype=torch.float64)
+        self.square_b += b.square().sum(0, dtype=torch.float64)
+        self.cross += (a.T @ b).double()
+
+    def correlation(self) -> Tensor:
+        """Pearson correlation of every unit of ``a`` with every unit of ``b`` (0 for constant units)."""
+        n = max(self.count, 1)
+        mean_a, mean_b = self.sum_a / n, self.sum_b / n
+        std_a = (self.square_a / n - mean_a.square()).clamp_min(0).sqrt()
+        std_b = (self.square_b / n - mean_b.square()).clamp_min(0).sqrt()
+        covariance = self.cross / n - torch.outer(mean_a, mean_b)
+        return covariance / (torch.outer(std_a, std_b) + 1e-12)
+
+
+def solve_assignment(score: Tensor) -> Tensor:
+    """The permutation p maximising Σ_i score[i, p[i]] (``scipy.optimize.linear_sum_assignment``)."""
+    rows, columns = linear_sum_assignment(score.detach().cpu().numpy().astype(np.float64), maximize=True)
+    permutation = torch.empty(len(rows), dtype=torch.long)
+    permutation[torch.as_tensor(rows)] = torch.as_tensor(columns)
+    return permutation
+
+
+def _units_last(activation: Tensor, axis: int) -> Tensor:
+    """(…, C, …) → (samples, C)."""
+    return activation.movedim(axis, -1).reshape(-1, activation.shape[axis])
+
+
+class ProbedModel:
+    """Runs a model (or any weights of its architecture) and reports the spec's probe activations."""
+
+    def __init__(self, spec: PermutationSpec, model: nn.Module) -> None:
+        self.spec = spec
+        self.model = model
+        self.names = {name for names in spec.probes.values() for name in names}
+        if spec.probe_kind == "node":
+            graph = copy.deepcopy(spec.graph)
+            for node in list(graph.nodes):
+                if node.name in self.names:
+                    with graph.inserting_after(node):
+                        graph.call_function(record_probe, (node, node.name))
+            self.runner: nn.Module = fx.GraphModule(model, graph)
+        else:
+            self.runner = model
+        self.keys = set(self.runner.state_dict())
+
+    @contextmanager
+    def _hooks(self) -> Iterator[None]:
+        if self.spec.probe_kind == "node":
+            yield
+            return
+        modules = dict(self.model.named_modules())
+        missing = sorted(self.names - set(modules))
+        if missing:
+            raise ValueError(f"The spec's probes name modules the model does not have: {missing}.")
+        handles = [
+            modules[name].register_forward_hook(lambda _m, _i, output, name=name: record_probe(output, name))
+            for name in self.names
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run(
+        self, inputs: Any, sink: Callable[[str, Tensor], None], state: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """Forward ``inputs`` (with ``state``'s weights if given), calling ``sink(probe, activation)``."""
+        with _sink(sink), self._hooks():
+            if state is None:
+                self.runner(inputs)
+            else:
+                weights = {key: value for key, value in state.items() if key in self.keys}
+                functional_call(self.runner, weights, (inputs,), strict=False)
+
+
+def _accumulate(
+    spec: PermutationSpec,
+    own: Mapping[str, Tensor],
+    statistics: Mapping[str, CrossStatistics],
+    group_of: Mapping[str, str],
+    name: str,
+    value: Tensor,
+) -> None:
+    axis = spec.probe_axes.get(name, 1)
+    statistics[group_of[name]].update(_units_last(own[name], axis), _units_last(value, axis))
+
+
+def match_activations(
+    spec: PermutationSpec,
+    reference: nn.Module,
+    states: Sequence[Mapping[str, Tensor]],
+    inputs: Iterable[Any],
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> list[dict[str, Tensor]]:
+    """For each of ``states``, the permutations that express it in ``reference``'s basis.
+
+    Args:
+        spec: the architecture's spec (with probes).
+        reference: the model whose basis the results are in; it runs on ``inputs`` once.
+        states: other models' ``state_dict``s (same architecture).
+        inputs: model inputs (already on the reference's device), e.g. ``merge.model_inputs(loader, 10)``.
+        forward_context: wraps the forward passes (e.g. Lightning's autocast context).
+    """
+    if not spec.probes:
+        raise ValueError(
+            "The spec has no probes: activation matching needs them (use weight matching instead)."
+        )
+    unprobed = sorted(set(spec.group_sizes) - set(spec.probes))
+    if unprobed:
+        raise ValueError(f"Groups {unprobed} have no probe: add probes for them to the spec.")
+    probed = ProbedModel(spec, reference)
+    group_of = {name: group for group, names in spec.probes.items() for name in names}
+    device = next(iter(reference.parameters())).device
+    statistics = [
+        {group: CrossStatistics(size, device) for group, size in spec.group_sizes.items()} for _ in states
+    ]
+    was_training = reference.training
+    reference.eval()
+    try:
+        with torch.no_grad(), forward_context():
+            for batch in inputs:
+                own: dict[str, Tensor] = {}
+                probed.run(batch, own.__setitem__)
+                for index, state in enumerate(states):
+                    accumulate = functools.partial(_accumulate, spec, own, statistics[index], group_of)
+                    probed.run(batch, accumulate, state)
+    finally:
+        reference.train(was_training)
+    if statistics and all(stats.count == 0 for stats in statistics[0].values()):
+        raise ValueError("Activation matching got no data: `inputs` is empty.")
+    return [
+        {group: solve_assignment(stats.correlation()) for group, stats in per_model.items()}
+        for per_model in statistics
+    ]
