@@ -1,11 +1,16 @@
 """Routes each agent's ``self.log`` to the swarm: ``agent_<g>/<name>`` per agent and ``<name>`` as their mean.
 
 The plain name keeps ``ModelCheckpoint(monitor="val_acc")``, ``EarlyStopping`` and progress bars working
-unchanged. Tensor and number values are averaged over agents at every call (for evaluation, where all
-agents see the same batches, Lightning's epoch reduction of that mean equals the mean of the agents'
-epoch values). A ``torchmetrics.Metric`` logged for the epoch (``on_epoch=True``) is averaged at the end
-of the epoch as the mean of the agents' ``compute()`` results, so non-decomposable metrics (F1, AUROC) are
-exact too; its per-step value is the mean of the agents' last ``forward`` values.
+unchanged. Each agent's own key is logged through Lightning exactly as the agent asked. The mean is:
+
+- per step (``on_step``): the mean over the agents that logged at that step;
+- per epoch (``on_epoch``): the mean over agents of each agent's own epoch value, reduced the way Lightning
+  reduces it (``reduce_fx`` mean weighted by batch size, sum, max, min, or a callable; a
+  ``torchmetrics.Metric`` by its ``compute()``), logged at the end of that stage's epoch. It is therefore
+  exact with unequal shards and for non-decomposable metrics.
+
+Both at once give ``<name>_step`` and ``<name>_epoch``, as Lightning names them. With several evaluation
+dataloaders the mean is ``<name>/dataloader_idx_<k>`` per loader.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from torchmetrics import Metric
 if TYPE_CHECKING:
     from lightning_dimat.swarm import AgentSwarm
 
+_MEAN, _SUM, _MAX, _MIN = ("mean", torch.mean), ("sum", torch.sum), ("max", torch.max), ("min", torch.min)
+
 
 def agent_key(agent_id: int, name: str) -> str:
     """The name under which agent ``agent_id``'s metric ``name`` is logged."""
@@ -30,21 +37,23 @@ def agent_key(agent_id: int, name: str) -> str:
 
 
 @dataclass
-class _Pending:
+class _EpochValues:
+    """One metric's logged values over an epoch, per agent (tensors with batch sizes, or the Metric)."""
+
     options: dict[str, Any]
-    values: dict[int, Any] = field(default_factory=dict)
-    batch_sizes: dict[int, int | None] = field(default_factory=dict)
+    values: dict[int, list[tuple[torch.Tensor, int | None]]] = field(default_factory=dict)
+    metrics: dict[int, Metric] = field(default_factory=dict)
 
 
 class AgentLogRouter:
-    """Collects agents' ``log`` calls during one fan-out and logs their means afterwards."""
+    """Collects agents' ``log`` calls and logs their means over agents, per step and per epoch."""
 
     def __init__(self, swarm: AgentSwarm) -> None:
         self.swarm = swarm
         self._agent: int | None = None
         self._batch_size: int | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._epoch_metrics: dict[str, _Pending] = {}
+        self._step: dict[str, tuple[dict[str, Any], dict[int, Any]]] = {}
+        self._epoch: dict[str, dict[str, _EpochValues]] = {}
 
     @contextmanager
     def speaking_for(self, agent_id: int, batch_size: int | None = None) -> Iterator[None]:
@@ -60,59 +69,90 @@ class AgentLogRouter:
         """Stands in for an agent's ``LightningModule.log``."""
         if options.get("batch_size") is None and agent_id == self._agent and self._batch_size is not None:
             options["batch_size"] = self._batch_size
-        mean_options = dict(options)
-        options["prog_bar"] = False
-        options["sync_dist"] = False
-        LightningModule.log(self.swarm, agent_key(agent_id, name), value, **options)
-        pending = self._pending.setdefault(name, _Pending(mean_options))
-        pending.values[agent_id] = value
-        pending.batch_sizes[agent_id] = options.get("batch_size")
-
-    def flush(self) -> None:
-        """Logs the mean over agents of everything logged since the last flush."""
-        pending, self._pending = self._pending, {}
-        for name, entry in pending.items():
-            options = dict(entry.options)
-            values = list(entry.values.values())
-            if all(isinstance(value, Metric) for value in values):
-                self._log_metric_means(name, entry, options)
-                continue
-            if any(isinstance(value, Metric) for value in values):
-                raise TypeError(f"Agents logged {name!r} both as a torchmetrics Metric and as a number.")
-            sizes = [size for size in entry.batch_sizes.values() if size is not None]
-            if sizes and options.get("batch_size") is None:
-                options["batch_size"] = sum(sizes)
-            self._log_mean(name, [torch.as_tensor(value) for value in values], options)
-
-    def _log_metric_means(self, name: str, entry: _Pending, options: dict[str, Any]) -> None:
-        on_step, on_epoch = self._levels(options)
-        metrics = list(entry.values.values())
-        options.pop("metric_attribute", None)
-        if on_step and all(metric._forward_cache is not None for metric in metrics):
-            step_options = {**options, "on_step": True, "on_epoch": False}
-            step_name = f"{name}_step" if on_epoch else name
-            self._log_mean(step_name, [torch.as_tensor(m._forward_cache) for m in metrics], step_options)
-        if on_epoch:
-            epoch_name = f"{name}_epoch" if on_step else name
-            self._epoch_metrics[epoch_name] = _Pending(
-                {**options, "on_step": False, "on_epoch": True}, entry.values
-            )
-
-    def flush_epoch(self) -> None:
-        """Logs the mean of the agents' epoch ``Metric`` values (call from an ``on_*_epoch_end`` hook)."""
-        pending, self._epoch_metrics = self._epoch_metrics, {}
-        for name, entry in pending.items():
-            values = [metric.compute() for metric in entry.values.values()]
-            self._log_mean(name, [torch.as_tensor(value) for value in values], dict(entry.options))
-
-    def _levels(self, options: dict[str, Any]) -> tuple[bool, bool]:
-        """Lightning's own defaults for the hook being run, where the agent left them open."""
-        return _FxValidator.get_default_logging_levels(
+        LightningModule.log(
+            self.swarm, agent_key(agent_id, name), value, **{**options, "prog_bar": False, "sync_dist": False}
+        )
+        on_step, on_epoch = _FxValidator.get_default_logging_levels(
             self.swarm._current_fx_name, options.get("on_step"), options.get("on_epoch")
         )
+        mean_name = self._with_dataloader_suffix(name, options)
+        shared = {
+            key: options[key]
+            for key in ("prog_bar", "logger", "rank_zero_only", "enable_graph")
+            if key in options
+        }
+        if on_step:
+            step_name = f"{mean_name}_step" if on_epoch else mean_name
+            _, values = self._step.setdefault(step_name, (shared, {}))
+            values[agent_id] = value._forward_cache if isinstance(value, Metric) else value
+        if on_epoch:
+            stage = self._stage()
+            epoch_name = f"{mean_name}_epoch" if on_step else mean_name
+            entry = self._epoch.setdefault(stage, {}).setdefault(
+                epoch_name, _EpochValues({**shared, "reduce_fx": options.get("reduce_fx", "mean")})
+            )
+            if isinstance(value, Metric):
+                entry.metrics[agent_id] = value
+            else:
+                tensor = torch.as_tensor(value).detach()
+                entry.values.setdefault(agent_id, []).append((tensor, options.get("batch_size")))
+
+    def _with_dataloader_suffix(self, name: str, options: dict[str, Any]) -> str:
+        results = self.swarm._trainer._results if self.swarm._trainer is not None else None
+        index = getattr(results, "dataloader_idx", None)
+        if options.get("add_dataloader_idx", True) and index is not None:
+            return f"{name}/dataloader_idx_{index}"
+        return name
+
+    def _stage(self) -> str:
+        trainer = self.swarm._trainer
+        stage = trainer.state.stage if trainer is not None else None
+        return str(stage.value if stage is not None else "none")
+
+    def flush(self) -> None:
+        """Logs the per-step means of everything logged since the last flush."""
+        pending, self._step = self._step, {}
+        for name, (options, values) in pending.items():
+            present = [value for value in values.values() if value is not None]
+            if present:
+                self._log_mean(
+                    name,
+                    [torch.as_tensor(v) for v in present],
+                    {**options, "on_step": True, "on_epoch": False},
+                )
+
+    def flush_epoch(self) -> None:
+        """Logs the epoch means of the current stage (call at the end of its ``on_*_epoch_end`` hook)."""
+        for name, entry in self._epoch.pop(self._stage(), {}).items():
+            options = dict(entry.options)
+            reduce_fx = options.pop("reduce_fx")
+            per_agent = [torch.as_tensor(metric.compute()) for metric in entry.metrics.values()]
+            per_agent += [_reduce(values, reduce_fx) for values in entry.values.values()]
+            if per_agent:
+                self._log_mean(name, per_agent, {**options, "on_step": False, "on_epoch": True})
 
     def _log_mean(self, name: str, values: list[torch.Tensor], options: dict[str, Any]) -> None:
         device = self.swarm.device
         mean = torch.stack([value.detach().to(device=device, dtype=torch.float32) for value in values]).mean()
         options["sync_dist"] = self.swarm.world_size > 1
-        LightningModule.log(self.swarm, name, mean, **options)
+        LightningModule.log(self.swarm, name, mean, batch_size=1, add_dataloader_idx=False, **options)
+
+
+def _reduce(values: list[tuple[torch.Tensor, int | None]], reduce_fx: Any) -> torch.Tensor:
+    """One agent's epoch value, reduced as Lightning reduces logged values."""
+    tensors = torch.stack([value.float().reshape(()) for value, _ in values])
+    if reduce_fx in _MEAN:
+        sizes = [size for _, size in values]
+        if any(size is None for size in sizes):
+            return tensors.mean()
+        weights = torch.tensor(sizes, dtype=torch.float32, device=tensors.device)
+        return (tensors * weights).sum() / weights.sum()
+    if reduce_fx in _SUM:
+        return tensors.sum()
+    if reduce_fx in _MAX:
+        return tensors.max()
+    if reduce_fx in _MIN:
+        return tensors.min()
+    if callable(reduce_fx):
+        return torch.as_tensor(reduce_fx(tensors))
+    raise ValueError(f"Unknown reduce_fx {reduce_fx!r}: use 'mean', 'sum', 'max', 'min' or a callable.")

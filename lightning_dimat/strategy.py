@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -106,13 +107,15 @@ class DIMATStrategy(DDPStrategy):
             raise ValueError(f"num_agents must be an integer >= 2 (DIMAT merges agents), got {num_agents!r}.")
         self.num_agents = num_agents
         self.topology = build_topology(topology, num_agents, rule=mixing_rule, **(topology_options or {}))
-        PARTITIONS.get(partition)
+        _check_options("partition", partition, PARTITIONS.get(partition), partition_options or {}, skip=3)
         self.partition = partition
         self.partition_options = dict(partition_options or {})
         if agent_init not in ("reinit", "copy"):
             raise ValueError(f"agent_init must be 'reinit' or 'copy', got {agent_init!r}.")
         self.agent_init = agent_init
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        self.seed = seed
         _check_export(export, num_agents)
         self.export = export
         self.random_streams = tuple(random_streams)
@@ -176,6 +179,9 @@ class DIMATStrategy(DDPStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
+            # Lightning's manual-optimization check has passed: give the flag back, so that
+            # `estimated_stepping_batches` and the loggers' step count see the accumulation.
+            trainer.accumulate_grad_batches = self._accumulate
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -224,7 +230,7 @@ class DIMATStrategy(DDPStrategy):
         streams = AgentRandomStreams(self.seed, agent_ids, self.root_device, self.random_streams)
         self._user_module = model
         swarm = swarm_class_for(model)(agents, streams, self.num_agents, self.world_size)
-        if self.agent_init == "reinit":
+        if self.agent_init == "reinit" and trainer.state.fn == TrainerFn.FITTING:
             # Runs after the agents' setup/configure_model hooks and before a checkpoint is restored.
             swarm.pending_initialisation = functools.partial(self._initialise_agents, swarm)
         return swarm
@@ -233,7 +239,8 @@ class DIMATStrategy(DDPStrategy):
         """Lightning refuses these flags under manual optimization: apply them per agent instead."""
         if trainer.gradient_clip_val:
             self._clip_val, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
-        self._clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
+        algorithm = trainer.gradient_clip_algorithm
+        self._clip_algorithm = str(getattr(algorithm, "value", algorithm) or "norm")
         if trainer.accumulate_grad_batches != 1:
             self._accumulate, trainer.accumulate_grad_batches = int(trainer.accumulate_grad_batches), 1
         swarm.gradient_clip_val = self._clip_val
@@ -314,6 +321,8 @@ class DIMATStrategy(DDPStrategy):
         """Loads the agent chosen by ``export`` (or the consensus) into ``module``."""
         if module is None or self.export == "none" or self.swarm is None:
             return
+        if is_overridden("configure_model", module, LightningModule):
+            module.configure_model()  # layers built there exist in the agents, so they must here too
         if isinstance(self.export, int):
             state = self.swarm.agent(self.export).state_dict()
         else:
@@ -353,6 +362,19 @@ class DIMATStrategy(DDPStrategy):
         trainer = self.lightning_module._trainer if self.lightning_module is not None else None
         callbacks = trainer.callbacks if trainer is not None else []
         return next((callback for callback in callbacks if isinstance(callback, MergeCallback)), None)
+
+
+def _check_options(kind: str, name: str, function: Any, options: dict[str, Any], skip: int) -> None:
+    """Refuses, before any work, options that the chosen ``function`` does not take."""
+    parameters = list(inspect.signature(function).parameters.values())[skip:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    known = {p.name for p in parameters}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"{kind} {name!r} takes no option(s) {unknown}; its options are {sorted(known) or 'none'}."
+        )
 
 
 def _check_export(export: Any, num_agents: int) -> None:

@@ -83,7 +83,8 @@ class AgentSwarm(LightningModule):
         self.gradient_clip_algorithm: str | None = None
         self.accumulate_grad_batches = 1
         self.router = AgentLogRouter(self)
-        self._active_agents: list[int] = []
+        self._agent_losses: dict[int, Tensor] = {}
+        self._agent_outputs: dict[int, Any] = {}
         self.pending_initialisation: Callable[[], None] | None = None
         self._untracked_random_state: tuple[int, ...] | None = None
         self._warned_untracked = False
@@ -159,7 +160,15 @@ class AgentSwarm(LightningModule):
         optimizers: dict[int, Optimizer] = {}
         schedulers: dict[int, list[LRSchedulerConfig]] = {}
         for agent_id, agent in self.items():
-            agent_optimizers, agent_schedulers = _init_optimizers_and_lr_schedulers(agent)
+            try:
+                agent_optimizers, agent_schedulers = _init_optimizers_and_lr_schedulers(agent)
+            except (MisconfigurationException, RuntimeError) as error:
+                if "multiple optimizers" not in str(error).lower():
+                    raise
+                raise MisconfigurationException(
+                    f"{type(agent).__name__}.configure_optimizers returns several optimizers; each DIMAT "
+                    "agent trains with exactly one (automatic optimization). Return a single optimizer."
+                ) from error
             if len(agent_optimizers) != 1:
                 raise MisconfigurationException(
                     f"Each agent needs exactly one optimizer, but configure_optimizers of "
@@ -183,15 +192,10 @@ class AgentSwarm(LightningModule):
             )
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        if not isinstance(batch, AgentBatch):
-            raise TypeError(
-                f"AgentSwarm expects one batch per agent (an AgentBatch) but got {type(batch).__name__}. "
-                "DIMATStrategy supports exactly one training dataloader."
-            )
+        batch = _agent_batch(batch)
         lightning_optimizer = self.optimizers()
         swarm_optimizer = self.swarm_optimizer
-        losses: list[Tensor] = []
-        self._active_agents = []
+        self._agent_losses, self._agent_outputs = {}, {}
         for agent_id, agent_batch in batch.items():
             if agent_batch is None:
                 continue
@@ -201,25 +205,24 @@ class AgentSwarm(LightningModule):
                 self.router.speaking_for(agent_id, _batch_size(agent_batch)),
             ):
                 output = agent.training_step(agent_batch, batch_idx)
-            loss = output["loss"] if isinstance(output, Mapping) else output
-            if loss is None:
-                continue
-            if not isinstance(loss, Tensor) or not loss.requires_grad:
-                raise MisconfigurationException(
-                    f"Agent {agent_id}'s training_step must return a loss tensor that requires grad (or None "
-                    f"to skip the batch); got {type(loss).__name__}."
-                )
-            losses.append(loss)
-            self._active_agents.append(agent_id)
-            swarm_optimizer.mark_active(agent_id)
+            self._agent_outputs[agent_id] = output
+            loss = _loss_of(agent_id, output)
+            if loss is not None:
+                self._agent_losses[agent_id] = loss
+                swarm_optimizer.mark_active(agent_id)
         self.router.flush()
-        if losses:
-            self.manual_backward(
-                torch.stack([loss.float() for loss in losses]).sum() / self.accumulate_grad_batches
-            )
+        if self._agent_losses:
+            total = torch.stack([loss.float() for loss in self._agent_losses.values()]).sum()
+            self.manual_backward(total / self.accumulate_grad_batches)
         if (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
+            # (A mixed-precision scaler may skip the step on inf gradients; schedulers step regardless,
+            # as Lightning's do.)
+            stepping = sorted(swarm_optimizer.active)
             lightning_optimizer.step()
-            self._step_schedulers("step", swarm_optimizer.last_stepped)
+            swarm_optimizer.active.clear()
+            self._step_schedulers("step", stepping)
+            for agent_id, agent_optimizer in swarm_optimizer.optimizers.items():
+                self._fan_out_batch("on_before_zero_grad", agent_id, agent_optimizer)
             lightning_optimizer.zero_grad()
 
     def _warn_about_untracked_randomness(self) -> None:
@@ -262,15 +265,15 @@ class AgentSwarm(LightningModule):
         self.agent(agent_id).lr_scheduler_step(config.scheduler, metric)
 
     def on_before_backward(self, loss: Tensor) -> None:
-        for agent_id in self._active_agents:
+        for agent_id, own_loss in self._agent_losses.items():
             agent = self.agent(agent_id)
             if is_overridden("on_before_backward", agent, LightningModule):
                 with self.router.speaking_for(agent_id):
-                    agent.on_before_backward(loss)
+                    agent.on_before_backward(own_loss)
         self.router.flush()
 
     def on_after_backward(self) -> None:
-        for agent_id in self._active_agents:
+        for agent_id in self._agent_losses:
             agent = self.agent(agent_id)
             if is_overridden("on_after_backward", agent, LightningModule):
                 with self.router.speaking_for(agent_id):
@@ -279,9 +282,9 @@ class AgentSwarm(LightningModule):
 
     # ------------------------------------------------------------ evaluation
     def _evaluation_step(self, hook: str, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
-        outputs = {}
+        outputs, batch_size = {}, _batch_size(batch)
         for agent_id, agent in self.items():
-            with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
+            with self.streams.activate(agent_id), self.router.speaking_for(agent_id, batch_size):
                 outputs[agent_id] = getattr(agent, hook)(batch, *args, **kwargs)
         self.router.flush()
         return outputs
@@ -297,6 +300,30 @@ class AgentSwarm(LightningModule):
         return self._evaluation_step("predict_step", batch, *args, **kwargs)
 
     # ------------------------------------------------------------------ hooks
+    def prepare_data(self) -> None:
+        """The user's ``prepare_data`` (downloads etc.), run once: on the first local agent."""
+        self.agent(self.agent_ids[0]).prepare_data()
+
+    def on_validation_model_eval(self) -> None:
+        self._model_mode_hook("on_validation_model_eval")
+
+    def on_validation_model_train(self) -> None:
+        self._model_mode_hook("on_validation_model_train")
+
+    def on_test_model_eval(self) -> None:
+        self._model_mode_hook("on_test_model_eval")
+
+    def on_test_model_train(self) -> None:
+        self._model_mode_hook("on_test_model_train")
+
+    def on_predict_model_eval(self) -> None:
+        self._model_mode_hook("on_predict_model_eval")
+
+    def _model_mode_hook(self, hook: str) -> None:
+        """Lightning's own mode switch on the swarm, then each agent's override of the hook (if any)."""
+        getattr(LightningModule, hook)(self)
+        self._fan_out(hook)
+
     def setup(self, stage: str) -> None:
         self._fan_out("setup", stage)
 
@@ -334,15 +361,16 @@ class AgentSwarm(LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         skips = [
             self._fan_out_batch("on_train_batch_start", agent_id, agent_batch, batch_idx)
-            for agent_id, agent_batch in batch.items()
+            for agent_id, agent_batch in _agent_batch(batch).items()
             if agent_batch is not None
         ]
         return -1 if skips and all(skip == -1 for skip in skips) else None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for agent_id, agent_batch in batch.items():
+        for agent_id, agent_batch in _agent_batch(batch).items():
             if agent_batch is not None:
-                self._fan_out_batch("on_train_batch_end", agent_id, None, agent_batch, batch_idx)
+                output = self._agent_outputs.get(agent_id)
+                self._fan_out_batch("on_train_batch_end", agent_id, output, agent_batch, batch_idx)
 
     def _fan_out_batch(self, hook: str, agent_id: int, *args: Any) -> Any:
         agent = self.agent(agent_id)
@@ -352,6 +380,25 @@ class AgentSwarm(LightningModule):
             result = getattr(agent, hook)(*args)
         self.router.flush()
         return result
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_start("on_validation_batch_start", batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_start("on_test_batch_start", batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_start("on_predict_batch_start", batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_batch_end("on_predict_batch_end", outputs, batch, batch_idx, dataloader_idx)
+
+    def _evaluation_batch_start(self, hook: str, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        for agent_id, agent in self.items():
+            if is_overridden(hook, agent, LightningModule):
+                with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
+                    getattr(agent, hook)(batch, batch_idx, dataloader_idx)
+        self.router.flush()
 
     def on_validation_batch_end(
         self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -470,6 +517,33 @@ def _call_weakly(target: weakref.ref, method: str, agent_id: int, *args: Any, **
             f"Agent {agent_id}'s swarm no longer exists; log and optimizers() work only inside it."
         )
     return getattr(owner, method)(agent_id, *args, **kwargs)
+
+
+def _agent_batch(batch: Any) -> AgentBatch:
+    if not isinstance(batch, AgentBatch):
+        raise TypeError(
+            f"AgentSwarm expects one batch per agent (an AgentBatch) but got {type(batch).__name__}. "
+            "DIMATStrategy supports exactly one training dataloader (return a single DataLoader)."
+        )
+    return batch
+
+
+def _loss_of(agent_id: int, output: Any) -> Tensor | None:
+    """The loss in a ``training_step`` output (``None``: the agent skips this batch)."""
+    if isinstance(output, Mapping):
+        if "loss" not in output:
+            raise MisconfigurationException(
+                f"Agent {agent_id}'s training_step returned a dict without 'loss' (keys: {sorted(output)})."
+            )
+        output = output["loss"]
+    if output is None:
+        return None
+    if not isinstance(output, Tensor) or not output.requires_grad:
+        raise MisconfigurationException(
+            f"Agent {agent_id}'s training_step must return a loss tensor that requires grad (or None to skip "
+            f"the batch); got {type(output).__name__}."
+        )
+    return output
 
 
 def _batch_size(batch: Any) -> int | None:

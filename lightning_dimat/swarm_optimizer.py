@@ -67,7 +67,7 @@ class SwarmOptimizer(Optimizer):
         self.active.add(agent_id)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Steps the optimizers of the agents marked active, then clears the marks."""
+        """Steps the optimizers of the agents marked active (the caller clears the marks)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -78,8 +78,6 @@ class SwarmOptimizer(Optimizer):
                 self.before_agent_step(agent_id, optimizer)
             optimizer.step()
             self.steps[agent_id] += 1
-        self.last_stepped = sorted(self.active)
-        self.active.clear()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -54,8 +54,8 @@ def test_agents_train_to_distinct_weights_with_their_own_optimizers() -> None:
 
 def test_reinit_is_seeded_per_agent_and_copy_starts_identical() -> None:
     def initial_agents(**options: Any) -> dict[int, dict[str, Tensor]]:
-        trainer = make_trainer(strategy=DIMATStrategy(num_agents=3, **options))
-        trainer.validate(TinyNet(), datamodule=BlobsData(), verbose=False)
+        trainer = make_trainer(strategy=DIMATStrategy(num_agents=3, **options), max_epochs=0)
+        trainer.fit(TinyNet(), datamodule=BlobsData())
         return agent_states(trainer)
 
     first, second = initial_agents(seed=7), initial_agents(seed=7)
@@ -64,6 +64,14 @@ def test_reinit_is_seeded_per_agent_and_copy_starts_identical() -> None:
     assert not torch.equal(first[0]["net.0.weight"], initial_agents(seed=8)[0]["net.0.weight"])
     copies = initial_agents(agent_init="copy")
     assert torch.equal(copies[0]["net.0.weight"], copies[2]["net.0.weight"])
+
+
+def test_validating_a_given_module_evaluates_its_weights_on_every_agent() -> None:
+    model = TinyNet()
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2))  # agent_init="reinit" applies to fit only
+    trainer.validate(model, datamodule=BlobsData(), verbose=False)
+    for _, agent in trainer.strategy.swarm.items():
+        assert torch.equal(agent.net[0].weight, model.net[0].weight)
 
 
 def test_metrics_are_logged_per_agent_and_as_their_mean(tmp_path: Any) -> None:
