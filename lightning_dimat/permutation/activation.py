@@ -57,32 +57,42 @@ def _sink(function: Callable[[str, Tensor], None]) -> Iterator[None]:
         _SINK.reset(token)
 
 
-class CrossStatistics:
-    """Streaming first and second moments of two activations of C units, and their C×C cross term."""
+class Moments:
+    """Streaming count, sum and sum of squares of C units (samples along dim 0), in float64."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        options = {"dtype": torch.float64, "device": device}
         self.count = 0
-        self.sum_a, self.sum_b = torch.zeros(size, **options), torch.zeros(size, **options)
-        self.square_a, self.square_b = torch.zeros(size, **options), torch.zeros(size, **options)
-        self.cross = torch.zeros(size, size, **options)
+        self.sum = torch.zeros(size, dtype=torch.float64, device=device)
+        self.square = torch.zeros(size, dtype=torch.float64, device=device)
 
-    def update(self, a: Tensor, b: Tensor) -> None:
-        """Adds samples: ``a`` and ``b`` are (samples, C)."""
-        a, b = a.float(), b.float()
-        self.count += a.shape[0]
-        self.sum_a += a.sum(0, dtype=torch.float64)
-        self.sum_b += b.sum(0, dtype=torch.float64)
-        self.square_a += a.square().sum(0, dtype=torch.float64)
-        self.square_b += b.square().sum(0, dtype=torch.float64)
-        self.cross += (a.T @ b).double()
+    def update(self, x: Tensor) -> None:
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.square += x.square().sum(0, dtype=torch.float64)
 
-    def correlation(self) -> Tensor:
-        """Pearson correlation of every unit of ``a`` with every unit of ``b`` (0 for constant units)."""
+    def mean_std(self) -> tuple[Tensor, Tensor]:
         n = max(self.count, 1)
-        mean_a, mean_b = self.sum_a / n, self.sum_b / n
-        std_a = (self.square_a / n - mean_a.square()).clamp_min(0).sqrt()
-        std_b = (self.square_b / n - mean_b.square()).clamp_min(0).sqrt()
+        mean = self.sum / n
+        return mean, (self.square / n - mean.square()).clamp_min(0).sqrt()
+
+
+class CrossStatistics:
+    """Another model's moments on the same samples and the C×C cross term with the reference's units."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.moments = Moments(size, device)
+        self.cross = torch.zeros(size, size, dtype=torch.float64, device=device)
+
+    def update(self, reference: Tensor, other: Tensor) -> None:
+        """Adds samples: ``reference`` and ``other`` are (samples, C) float32."""
+        self.moments.update(other)
+        self.cross += (reference.T @ other).double()
+
+    def correlation(self, reference: Moments) -> Tensor:
+        """Pearson correlation of every reference unit with every unit of the other model (0 if constant)."""
+        n = max(reference.count, 1)
+        mean_a, std_a = reference.mean_std()
+        mean_b, std_b = self.moments.mean_std()
         covariance = self.cross / n - torch.outer(mean_a, mean_b)
         return covariance / (torch.outer(std_a, std_b) + 1e-12)
 
@@ -150,15 +160,14 @@ class ProbedModel:
 
 
 def _accumulate(
-    spec: PermutationSpec,
     own: Mapping[str, Tensor],
     statistics: Mapping[str, CrossStatistics],
     group_of: Mapping[str, str],
+    axes: Mapping[str, int],
     name: str,
     value: Tensor,
 ) -> None:
-    axis = spec.probe_axes.get(name, 1)
-    statistics[group_of[name]].update(_units_last(own[name], axis), _units_last(value, axis))
+    statistics[group_of[name]].update(own[name], _units_last(value, axes.get(name, 1)).float())
 
 
 def match_activations(
@@ -187,6 +196,7 @@ def match_activations(
     probed = ProbedModel(spec, reference)
     group_of = {name: group for group, names in spec.probes.items() for name in names}
     device = next(iter(reference.parameters())).device
+    own_moments = {group: Moments(size, device) for group, size in spec.group_sizes.items()}
     statistics = [
         {group: CrossStatistics(size, device) for group, size in spec.group_sizes.items()} for _ in states
     ]
@@ -195,16 +205,26 @@ def match_activations(
     try:
         with torch.no_grad(), forward_context():
             for batch in inputs:
-                own: dict[str, Tensor] = {}
-                probed.run(batch, own.__setitem__)
+                raw: dict[str, Tensor] = {}
+                probed.run(batch, raw.__setitem__)
+                # Each reference activation is reshaped, and its moments taken, once for all neighbours.
+                own = {
+                    name: _units_last(value, spec.probe_axes.get(name, 1)).float()
+                    for name, value in raw.items()
+                }
+                del raw
+                for name, units in own.items():
+                    own_moments[group_of[name]].update(units)
                 for index, state in enumerate(states):
-                    accumulate = functools.partial(_accumulate, spec, own, statistics[index], group_of)
+                    accumulate = functools.partial(
+                        _accumulate, own, statistics[index], group_of, spec.probe_axes
+                    )
                     probed.run(batch, accumulate, state)
     finally:
         reference.train(was_training)
-    if statistics and all(stats.count == 0 for stats in statistics[0].values()):
+    if all(moments.count == 0 for moments in own_moments.values()):
         raise ValueError("Activation matching got no data: `inputs` is empty.")
     return [
-        {group: solve_assignment(stats.correlation()) for group, stats in per_model.items()}
+        {group: solve_assignment(stats.correlation(own_moments[group])) for group, stats in per_model.items()}
         for per_model in statistics
     ]

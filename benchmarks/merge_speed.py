@@ -1,0 +1,230 @@
+"""Time of one DIMAT merge (activation matching) against its forward-pass lower bound.
+
+One agent of a fully connected graph of N=5 merges with its 4 neighbours: ResNet-20 ×8 (3×3 conv shortcuts,
+the paper's variant) on 64×64 images, 100 of the agent's own images for the statistics. The merge is
+broken down into forward passes, statistics, linear assignments (LAPs), applying the permutations + the
+weighted sum, and BatchNorm re-estimation. The lower bound is what any activation-based merge must
+spend: (degree + 1) forward passes over the images, plus one BatchNorm pass — measured in the same run.
+Prints and saves ``benchmarks/results/merge_speed.json`` (medians over repeats; goal: ratio <= 1.2).
+
+    python benchmarks/merge_speed.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_dimat.merge import (
+    activation_alignment,
+    load_state_in_place,
+    recompute_batchnorm,
+    weighted_state,
+)
+from lightning_dimat.models import resnet20
+from lightning_dimat.permutation import activation
+from lightning_dimat.permutation.cache import spec_for
+
+RESULTS = Path(__file__).parent / "results"
+TINY_IMAGENET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny-imagenet-20.zip"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Accumulates wall time per label; wraps functions so their calls are timed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._running: set[str] = set()
+
+    @contextmanager
+    def time(self, label: str) -> Iterator[None]:
+        if label in self._running:  # nested call under the same label: counted by the outer one
+            yield
+            return
+        self._running.add(label)
+        _sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.seconds[label] += time.perf_counter() - start
+            self._running.discard(label)
+
+    def wrap(self, owner: Any, name: str, label: str) -> Callable[[], None]:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.time(label):
+                return original(*args, **kwargs)
+
+        setattr(owner, name, timed)
+        return lambda: setattr(owner, name, original)
+
+
+def load_images(count: int, size: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """``count`` Tiny ImageNet training images (normalised), or random ones if the file is absent."""
+    if TINY_IMAGENET.exists():
+        from lightning_dimat.data import TinyImageNetDataModule
+
+        data = TinyImageNetDataModule(str(TINY_IMAGENET), image_size=size, augment=False, num_workers=0)
+        data.setup("fit")
+        generator = torch.Generator().manual_seed(0)
+        indices = torch.randperm(len(data.train_set), generator=generator)[:count].tolist()
+        images = torch.stack([data.train_set[i][0] for i in indices])
+        return images.to(device), "tiny-imagenet-20"
+    return torch.randn(count, 3, size, size, device=device), "random"
+
+
+def build_agents(
+    args: argparse.Namespace, device: torch.device, images: torch.Tensor
+) -> list[torch.nn.Module]:
+    agents = []
+    for seed in range(args.agents):
+        torch.manual_seed(seed)
+        model = resnet20(width=args.width, num_classes=20, shortcut="conv3x3").to(device)
+        recompute_batchnorm(model, images.split(args.batch_size))  # realistic (non-default) BN statistics
+        agents.append(model.eval())
+    return agents
+
+
+def forward_bound(
+    agent: torch.nn.Module, states: list[dict], batches: list[torch.Tensor], clock: Clock
+) -> float:
+    """(degree + 1) eval forward passes over the batches + one train-mode BatchNorm pass."""
+    runner = activation.ProbedModel(spec_for(agent, batches[0]), agent)
+    with clock.time("bound"), torch.no_grad():
+        for batch in batches:
+            agent(batch)
+            for state in states:
+                torch.func.functional_call(
+                    runner.runner, {k: v for k, v in state.items() if k in runner.keys}, (batch,)
+                )
+    with clock.time("bound"):
+        recompute_batchnorm(agent, batches)
+    return clock.seconds.pop("bound")
+
+
+def one_merge(agent: torch.nn.Module, states: list[dict], batches: list[torch.Tensor], clock: Clock) -> None:
+    weights = [1.0 / (len(states) + 1)] * (len(states) + 1)
+    with clock.time("total"):
+        with clock.time("match"):
+            aligned = activation_alignment(agent, states, batches)
+        with clock.time("apply"):
+            load_state_in_place(agent, weighted_state([agent.state_dict(), *aligned], weights))
+        with clock.time("batchnorm"):
+            recompute_batchnorm(agent, batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--agents", type=int, default=5)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=RESULTS / "merge_speed.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    images, source = load_images(args.images, args.image_size, device)
+    batches = list(images.split(args.batch_size))
+    agents = build_agents(args, device, images)
+    reference, neighbours = agents[0], agents[1:]
+    states = [{k: v.detach().clone() for k, v in n.state_dict().items()} for n in neighbours]
+    spec_for(reference, batches[0])  # derive + verify the spec once (cached; not part of a merge)
+
+    rows = []
+    for _ in range(args.repeats):
+        original = {k: v.clone() for k, v in reference.state_dict().items()}
+        clock = Clock(device)
+        bound = forward_bound(reference, states, batches, clock)
+        load_state_in_place(reference, original)
+        restore = [
+            clock.wrap(activation, "solve_assignment", "lap"),
+            clock.wrap(activation, "_accumulate", "statistics"),
+            clock.wrap(activation.Moments, "update", "statistics"),
+            clock.wrap(activation, "_units_last", "statistics"),
+        ]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            one_merge(reference, states, batches, clock)
+        finally:
+            for undo in restore:
+                undo()
+        load_state_in_place(reference, original)
+        seconds = dict(clock.seconds)
+        seconds["forward"] = seconds["match"] - seconds.get("statistics", 0.0) - seconds.get("lap", 0.0)
+        row = {
+            "total_s": seconds["total"],
+            "forward_s": seconds["forward"],
+            "statistics_s": seconds.get("statistics", 0.0),
+            "lap_s": seconds.get("lap", 0.0),
+            "apply_s": seconds["apply"],
+            "batchnorm_s": seconds["batchnorm"],
+            "lower_bound_s": bound,
+            "ratio": seconds["total"] / bound,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_increase_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
+        }
+        if device.type == "cuda":
+            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        rows.append(row)
+        template = (
+            "merge {total_s:7.2f} s = forward {forward_s:.2f} + statistics {statistics_s:.2f}"
+            " + LAP {lap_s:.3f} + apply {apply_s:.3f} + BN {batchnorm_s:.2f}"
+            " | bound {lower_bound_s:.2f} s | ratio {ratio:.3f}"
+        )
+        print(template.format(**row), flush=True)
+    model_mb = sum(t.numel() * t.element_size() for t in reference.state_dict().values()) / 2**20
+    result = {
+        "benchmark": "merge_speed",
+        "setting": f"1 agent + {len(states)} neighbours (N={args.agents}, fully connected)",
+        "model": f"resnet20 width {args.width}, conv3x3 shortcuts",
+        "model_mb": model_mb,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "data": source,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": rows,
+        "median": {key: statistics.median(row[key] for row in rows) for key in rows[0]},
+    }
+    median = result["median"]
+    print(
+        f"median: merge {median['total_s']:.2f} s, lower bound {median['lower_bound_s']:.2f} s, "
+        f"ratio {median['ratio']:.3f} (goal <= 1.2); peak RSS {median['peak_rss_mb']:.0f} MB"
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()
