@@ -10,6 +10,8 @@ Examples:
 from lightning_dimat.callback import MergeCallback
 from lightning_dimat.merge import MERGE_METHODS, align, merge, recompute_batchnorm, register_merge_method
 from lightning_dimat.partition import PARTITIONS, partition, register_partition
+from lightning_dimat.permutation import PermutationSpec, permutation_spec
+from lightning_dimat.permutation.verify import check_spec
 from lightning_dimat.report import AgentReport
 from lightning_dimat.strategy import DIMATStrategy
 from lightning_dimat.swarm import AgentSwarm
@@ -26,11 +28,14 @@ __all__ = [
     "AgentSwarm",
     "DIMATStrategy",
     "MergeCallback",
+    "PermutationSpec",
     "Topology",
     "align",
     "build_topology",
+    "check_spec",
     "merge",
     "partition",
+    "permutation_spec",
     "recompute_batchnorm",
     "register_merge_method",
     "register_partition",

@@ -10,7 +10,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from lightning_dimat.merge import MERGE_METHODS, load_state_in_place, recompute_batchnorm, weighted_state
+from lightning_dimat.merge import (
+    MERGE_METHODS,
+    first_input,
+    load_state_in_place,
+    recompute_batchnorm,
+    weighted_state,
+)
+from lightning_dimat.permutation.cache import spec_for
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy
 
@@ -79,6 +86,17 @@ class MergeCallback(Callback):
                 "MergeCallback needs Trainer(strategy=DIMATStrategy(...)), "
                 f"got {type(trainer.strategy).__name__}."
             )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Derives and checks the permutation spec now, so that an unsupported model fails before training."""
+        method = MERGE_METHODS.get(self.method)
+        if not getattr(method, "uses_spec", False):
+            return
+        strategy = trainer.strategy
+        assert isinstance(strategy, DIMATStrategy) and strategy.swarm is not None
+        agent = strategy.swarm.agent(strategy.swarm.agent_ids[0])
+        batch = strategy.example_batch(strategy.swarm.agent_ids[0])
+        spec_for(agent, first_input(agent, [batch]), self.spec)
 
     def should_merge(self, epoch: int) -> bool:
         """Whether to merge after (0-based) ``epoch``."""

@@ -67,11 +67,18 @@ class MergeMethod(Protocol):
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
-def register_merge_method(name: str, *aliases: str, requires_data: bool) -> Callable[[Any], Any]:
-    """Registers a merge method (see :class:`MergeMethod`) under ``name`` for configs to refer to."""
+def register_merge_method(
+    name: str, *aliases: str, requires_data: bool, uses_spec: bool = False
+) -> Callable[[Any], Any]:
+    """Registers a merge method (see :class:`MergeMethod`) under ``name`` for configs to refer to.
+
+    ``uses_spec`` marks methods that need the model's permutation spec (derived and checked before
+    training starts, so that an unsupported model fails at once rather than at the first merge).
+    """
 
     def decorator(function: Any) -> Any:
         function.requires_data = requires_data
+        function.uses_spec = uses_spec
         MERGE_METHODS.add(name, function, *aliases)
         return function
 
@@ -86,7 +93,7 @@ def average_alignment(
     return [dict(state) for state in states]
 
 
-@register_merge_method("activation", "am", "dimat", requires_data=True)
+@register_merge_method("activation", "am", "dimat", requires_data=True, uses_spec=True)
 def activation_alignment(
     reference: nn.Module,
     states: Sequence[Mapping[str, Tensor]],
@@ -102,7 +109,7 @@ def activation_alignment(
     return [permute_state(state, spec, found) for state, found in zip(states, permutations, strict=True)]
 
 
-@register_merge_method("weight", "wm", requires_data=True)
+@register_merge_method("weight", "wm", requires_data=True, uses_spec=True)
 def weight_alignment(
     reference: nn.Module,
     states: Sequence[Mapping[str, Tensor]],
@@ -119,6 +126,11 @@ def weight_alignment(
     spec = spec_for(reference, first, spec)
     own = reference.state_dict()
     return [permute_state(state, spec, match_weights(spec, own, state)) for state in states]
+
+
+def first_input(model: nn.Module, data: Iterable[Any] | Tensor) -> Any:
+    """The first model input in ``data``, on ``model``'s device."""
+    return _peek_inputs(model, data)[0]
 
 
 def _peek_inputs(model: nn.Module, data: Iterable[Any] | Tensor | None) -> tuple[Any, Iterator[Any]]:

@@ -287,6 +287,17 @@ class DIMATStrategy(DDPStrategy):
             )
         return AgentLoader(self.agent_loaders, num_batches, self.swarm.streams)
 
+    def example_batch(self, agent_id: int) -> Any:
+        """One batch of agent ``agent_id``'s shard on the device, drawn without touching any random stream."""
+        if agent_id not in self.agent_loaders:
+            raise RuntimeError(
+                f"Agent {agent_id} has no training data yet: local data exists only while fitting."
+            )
+        assert self.swarm is not None
+        with seeded(0, self.root_device):
+            batch = next(iter(self.agent_loaders[agent_id]))
+        return self.swarm.to_device(agent_id, batch)
+
     def local_batches(self, agent_id: int, num_batches: int | None) -> Iterator[Any]:
         """Up to ``num_batches`` of agent ``agent_id``'s own batches, on the device, drawn in its stream."""
         if agent_id not in self.agent_loaders:

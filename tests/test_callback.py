@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 import torch
 from helpers import BlobsData, TinyNet, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
 
-from lightning_dimat import DIMATStrategy, MergeCallback
+from lightning_dimat import MERGE_METHODS, DIMATStrategy, MergeCallback
+from lightning_dimat.merge import weighted_state
 
 
 class _Snapshots(Callback):
@@ -180,3 +183,33 @@ def test_merge_callback_needs_the_dimat_strategy() -> None:
     trainer = make_trainer(callbacks=[MergeCallback()], max_epochs=1)
     with pytest.raises(ValueError, match="MergeCallback needs Trainer\\(strategy=DIMATStrategy"):
         trainer.fit(TinyNet(), datamodule=BlobsData())
+
+
+class _SmallCNN(TinyNet):
+    """Convolutions on the 8 features seen as a 2×2×2 image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_dimat.models import small_cnn
+
+        self.net = nn.Sequential(nn.Unflatten(1, (2, 2, 2)), small_cnn(in_channels=2, num_classes=4, width=8))
+
+
+@pytest.mark.parametrize("method", ["activation", "weight", "average"])
+def test_each_agent_merges_its_neighbours_aligned_by_the_method_on_its_own_data(method: str) -> None:
+    snapshots = _Snapshots()
+    merge = MergeCallback(every_n_epochs=1, method=method, num_batches=2)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=3), callbacks=[snapshots, merge], max_epochs=1)
+    trainer.fit(_SmallCNN(), datamodule=BlobsData())
+    before, strategy = snapshots.before[-1], trainer.strategy
+    for agent_id, agent in strategy.swarm.items():
+        weights = strategy.topology.weights(agent_id)
+        neighbours = [j for j in sorted(weights) if j != agent_id]
+        reference = copy.deepcopy(agent)
+        reference.load_state_dict(before[agent_id])
+        data = list(strategy.local_batches(agent_id, 2))  # the same two batches the merge used
+        aligned = MERGE_METHODS.get(method)(reference, [before[j] for j in neighbours], data)
+        expected = weighted_state([before[agent_id], *aligned], [weights[j] for j in [agent_id, *neighbours]])
+        for name, parameter in agent.named_parameters():  # (BatchNorm buffers were re-estimated)
+            assert torch.allclose(parameter, expected[name], atol=1e-6), (method, agent_id, name)
+    assert float(trainer.callback_metrics["merge/round"]) == 1.0

@@ -156,6 +156,14 @@ def test_spec_groups_for_known_architectures() -> None:
     assert flatten_input[0].block == 4 and flatten_input[0].size == 512  # 512 channels × 2×2 pixels
 
 
+def test_torchvision_resnet50_traces_and_its_spec_is_exact() -> None:
+    model = torchvision.models.resnet50(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    spec = permutation_spec(model, x)
+    assert len(spec.group_sizes) == 4 + 16 * 2 + 1  # 4 residual streams, 2 inner groups per bottleneck, stem
+    assert check_spec(model, spec, x) <= 1e-9
+
+
 def test_concatenation_and_gating_are_supported() -> None:
     class Branches(nn.Module):
         def __init__(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -105,8 +106,25 @@ def solve_assignment(score: Tensor) -> Tensor:
     return permutation
 
 
-def _units_last(activation: Tensor, axis: int) -> Tensor:
-    """(…, C, …) → (samples, C)."""
+MAX_SAMPLES = 16384
+"""Samples per probe and batch kept for the statistics (a strided subset of positions beyond that)."""
+
+
+def _units_last(activation: Tensor, axis: int, max_samples: int | None = MAX_SAMPLES) -> Tensor:
+    """(…, C, …) → (samples, C), keeping every s-th position along the spatial axes when there are too many.
+
+    Positions are chosen by the tensor's shape alone, so two models' activations of the same probe are
+    subsampled at the same positions.
+    """
+    spatial = [dim for dim in range(2, activation.dim()) if dim != axis] if axis == 1 else []
+    if max_samples is not None and spatial:
+        samples = activation.numel() // activation.shape[axis]
+        if samples > max_samples:
+            stride = math.ceil((samples / max_samples) ** (1 / len(spatial)))
+            index = [slice(None)] * activation.dim()
+            for dim in spatial:
+                index[dim] = slice(None, None, stride)
+            activation = activation[tuple(index)]
     return activation.movedim(axis, -1).reshape(-1, activation.shape[axis])
 
 

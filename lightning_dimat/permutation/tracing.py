@@ -340,6 +340,8 @@ class _SpecBuilder:
             return info
         if isinstance(module, nn.Flatten):
             return self._flatten(node, source, module.start_dim, module.end_dim)
+        if info is None or all(segment.group is None for segment in info.layout):
+            return None  # e.g. input preprocessing: nothing permuted goes in, nothing permuted comes out
         raise self.fail(node, f"no permutation rule for {type(module).__name__}")
 
     def _conv(self, node: fx.Node, module: nn.Module, prefix: str, source: Any) -> _Tracked:

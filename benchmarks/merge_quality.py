@@ -1,0 +1,207 @@
+"""Merge quality: two ResNet-20s trained independently (different seeds) on Tiny ImageNet (20 classes) at
+32×32, then test accuracy and loss along the interpolation path θ(α) = (1 − α) θ_A + α P θ_B for
+α = 0, .25, .5, .75, 1, with P from plain averaging (P = I), weight matching and activation matching,
+each with and without BatchNorm re-estimation at every α. Saves JSON and PNG in ``benchmarks/results/``.
+
+    python benchmarks/merge_quality.py --width 1 --epochs 30          # CPU, ~30 min here
+    python benchmarks/merge_quality.py --width 4 --epochs 40 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lightning_dimat.data import TinyImageNetDataModule
+from lightning_dimat.merge import align, load_state_in_place, recompute_batchnorm, weighted_state
+from lightning_dimat.models import resnet20
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny-imagenet-20.zip"
+METHODS = ("average", "weight", "activation")
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def load_split(path: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split as one normalised tensor (decoded once; augmentation happens on tensors)."""
+    data = TinyImageNetDataModule(str(path), image_size=size, augment=False, num_workers=0)
+    data.setup("fit")
+    dataset = data.train_set if split == "train" else data.test_set
+    loader = torch.utils.data.DataLoader(dataset, batch_size=500, num_workers=2)
+    images, labels = zip(*loader, strict=True)
+    return torch.cat(images), torch.cat(labels)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding and horizontal flip, per image, in one gather."""
+    n, channels, h, w = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    device = images.device
+    dy = torch.randint(0, 9, (n,), generator=generator).to(device)
+    dx = torch.randint(0, 9, (n,), generator=generator).to(device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    columns = torch.arange(w, device=device)
+    columns = torch.where(flip[:, None], w - 1 - columns[None, :], columns[None, :]) + dx[:, None]
+    rows = torch.arange(h, device=device)[None, :] + dy[:, None]
+    return padded[
+        torch.arange(n, device=device)[:, None, None, None],
+        torch.arange(channels, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        columns[:, None, None, :],
+    ]
+
+
+def train(seed: int, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = resnet20(width=args.width, num_classes=20).to(args.device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
+    steps = args.epochs * math.ceil(len(images) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(images), generator=generator)
+        started, total = time.perf_counter(), 0.0
+        for start in range(0, len(images), args.batch_size):
+            index = order[start : start + args.batch_size]
+            index = index.to(images.device)
+            loss = F.cross_entropy(model(augment(images[index], generator)), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        print(f"seed {seed} epoch {epoch + 1}/{args.epochs} loss {total / len(images):.3f} "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str
+) -> dict[str, float]:
+    model.eval()
+    correct, loss = 0, 0.0
+    for x, y in zip(images.split(500), labels.split(500), strict=True):
+        logits = model(x.to(device))
+        loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+        correct += int((logits.argmax(-1).cpu() == y).sum())
+    return {"accuracy": correct / len(labels), "loss": loss / len(labels)}
+
+
+def interpolation_curves(a, b, train_images, test_images, test_labels, args) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    calibration = [(x.to(args.device), None) for x in train_images[: args.calibration_images].split(250)]
+    curves: dict[str, Any] = {}
+    for method in METHODS:
+        started = time.perf_counter()
+        aligned = align(a, b, method=method, data=calibration)
+        align_seconds = time.perf_counter() - started
+        for reset in (False, True):
+            points = []
+            for alpha in ALPHAS:
+                model = copy.deepcopy(a)
+                load_state_in_place(
+                    model, weighted_state([a.state_dict(), aligned.state_dict()], [1 - alpha, alpha])
+                )
+                if reset:
+                    recompute_batchnorm(model, calibration)
+                points.append({"alpha": alpha, **evaluate(model, test_images, test_labels, args.device)})
+            label = f"{method}{' + BN reset' if reset else ''}"
+            curves[label] = {
+                "method": method,
+                "bn_reset": reset,
+                "align_seconds": align_seconds,
+                "points": points,
+            }
+            middle = points[len(points) // 2]
+            print(f"{label:24s} acc@0.5 {middle['accuracy']:.3f}  loss@0.5 {middle['loss']:.3f}", flush=True)
+    return curves
+
+
+def plot(curves: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"average": "tab:grey", "weight": "tab:blue", "activation": "tab:red"}
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, curve in curves.items():
+        alphas = [p["alpha"] for p in curve["points"]]
+        style = {
+            "color": colours[curve["method"]],
+            "linestyle": "-" if curve["bn_reset"] else "--",
+            "marker": "o",
+        }
+        accuracy_axes.plot(alphas, [p["accuracy"] for p in curve["points"]], label=label, **style)
+        loss_axes.plot(alphas, [p["loss"] for p in curve["points"]], label=label, **style)
+    for axes, name in ((accuracy_axes, "test accuracy"), (loss_axes, "test loss")):
+        axes.set_xlabel("α  (0: model A, 1: model B aligned to A)")
+        axes.set_ylabel(name)
+        axes.grid(alpha=0.3)
+    accuracy_axes.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--width", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--calibration-images", type=int, default=2000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tag", default=None, help="suffix of the output files (default: cpu/gpu + width)")
+    args = parser.parse_args()
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} does not exist: pass --data path/to/tiny-imagenet-20.zip")
+    started = time.perf_counter()
+    train_images, train_labels = load_split(args.data, "train", args.image_size)
+    train_images, train_labels = train_images.to(args.device), train_labels.to(args.device)
+    test_images, test_labels = load_split(args.data, "val", args.image_size)
+    a = train(0, train_images, train_labels, args)
+    b = train(1, train_images, train_labels, args)
+    curves = interpolation_curves(a, b, train_images, test_images, test_labels, args)
+    tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_w{args.width}"
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    result = {
+        "benchmark": "merge_quality",
+        "data": "tiny-imagenet-20 (10,000 train / 1,000 test images, 20 classes)",
+        "image_size": args.image_size,
+        "model": f"resnet20 width {args.width} (1x1 conv shortcuts)",
+        "epochs": args.epochs,
+        "device": device_name,
+        "torch": torch.__version__,
+        "calibration_images": args.calibration_images,
+        "seconds": time.perf_counter() - started,
+        "curves": curves,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"merge_quality_{tag}.json").write_text(json.dumps(result, indent=2))
+    plot(
+        curves,
+        RESULTS / f"merge_quality_{tag}.png",
+        f"ResNet-20 ×{args.width}, Tiny ImageNet-20 at 32×32 ({device_name})",
+    )
+    print(f"saved {RESULTS / f'merge_quality_{tag}.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
