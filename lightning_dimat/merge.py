@@ -197,15 +197,11 @@ def load_state_in_place(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 
 def model_inputs(data: Any, num_batches: int | None = None) -> Iterator[Any]:
-    """Model inputs from ``data``: a tensor (one batch), or an iterable of batches whose first element is the
-    input (Lightning's ``(x, y)`` convention; a bare tensor batch is its own input).
+    """Model inputs from ``data``: a tensor or a tuple ``(x, y, ...)`` of tensors (one batch), or an iterable
+    of batches whose first element is the input (Lightning's ``(x, y)`` convention; a bare tensor batch is
+    its own input).
     """
-    if isinstance(data, Tensor):
-        yield data
-        return
-    for index, batch in enumerate(data):
-        if num_batches is not None and index >= num_batches:
-            return
+    for batch in _batches(data, num_batches):
         if isinstance(batch, Tensor):
             yield batch
         elif isinstance(batch, (tuple, list)) and batch:
@@ -360,18 +356,28 @@ def _check_data(method: str, aligner: MergeMethod, data: Any) -> None:
         )
 
 
+def _batches(data: Any, num_batches: int | None) -> Iterator[Any]:
+    """The batches of ``data`` (a tensor or a tuple of tensors is one batch), at most ``num_batches``."""
+    if isinstance(data, Tensor) or (
+        isinstance(data, tuple) and data and all(isinstance(t, Tensor) for t in data)
+    ):
+        yield data
+        return
+    if num_batches is not None and num_batches <= 0:
+        return
+    for index, batch in enumerate(data):
+        yield batch
+        if num_batches is not None and index + 1 >= num_batches:
+            return  # stop before fetching (and e.g. decoding) one batch too many
+
+
 class _Limited:
-    """Re-iterable view of the first ``num_batches`` batches of ``data``."""
+    """Re-iterable view of the first ``num_batches`` batches of ``data`` (a one-shot iterator is read once
+    and kept, since merging reads the data twice: for matching and for BatchNorm)."""
 
     def __init__(self, data: Iterable[Any] | Tensor, num_batches: int | None) -> None:
-        self.data = data
+        self.data = list(_batches(data, num_batches)) if isinstance(data, Iterator) else data
         self.num_batches = num_batches
 
     def __iter__(self) -> Iterator[Any]:
-        if isinstance(self.data, Tensor):
-            yield self.data
-            return
-        for index, batch in enumerate(self.data):
-            if self.num_batches is not None and index >= self.num_batches:
-                return
-            yield batch
+        return _batches(self.data, self.num_batches)

@@ -296,7 +296,7 @@ class DIMATStrategy(DDPStrategy):
         assert self.swarm is not None
         with seeded(0, self.root_device):
             batch = next(iter(self.agent_loaders[agent_id]))
-        return self.swarm.to_device(agent_id, batch)
+        return self.precision_plugin.convert_input(self.swarm.to_device(agent_id, batch))
 
     def local_batches(self, agent_id: int, num_batches: int | None) -> Iterator[Any]:
         """Up to ``num_batches`` of agent ``agent_id``'s own batches, on the device, drawn in its stream."""
@@ -314,7 +314,8 @@ class DIMATStrategy(DDPStrategy):
                 batch = next(iterator, None)
             if batch is None:
                 return
-            yield self.swarm.to_device(agent_id, batch)
+            # (as Lightning's loops do: e.g. bf16-true models need bf16 inputs)
+            yield self.precision_plugin.convert_input(self.swarm.to_device(agent_id, batch))
             count += 1
 
     # ----------------------------------------------------------------- export

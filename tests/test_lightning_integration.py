@@ -247,3 +247,19 @@ def test_bad_seed_and_partition_options_are_refused_at_construction() -> None:
         DIMATStrategy(seed=1.7)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"partition 'iid' takes no option\(s\) \['alpha'\]"):
         DIMATStrategy(partition="iid", partition_options={"alpha": 0.5})
+
+
+@pytest.mark.parametrize("method", ["average", "activation"])
+def test_merging_under_bf16_true_precision(method: str) -> None:
+    from lightning_dimat import MergeCallback
+
+    merge = MergeCallback(every_n_epochs=1, method=method, num_batches=2)
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=2), precision="bf16-true", callbacks=[merge], max_epochs=1
+    )
+    model = TinyNet()
+    trainer.fit(model, datamodule=BlobsData())
+    for _, agent in trainer.strategy.swarm.items():
+        assert agent.net[0].weight.dtype == torch.bfloat16
+        assert torch.isfinite(agent.net[0].weight.float()).all()
+    assert merge.round == 1 and torch.isfinite(model.net[0].weight.float()).all()

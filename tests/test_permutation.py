@@ -79,10 +79,10 @@ def case(request: pytest.FixtureRequest) -> tuple[str, nn.Module, Tensor, Permut
 def test_random_permutation_leaves_logits_unchanged(case) -> None:  # type: ignore[no-untyped-def]
     name, model, x, spec = case
     assert spec.group_sizes, name
-    for seed in range(2):
-        assert check_spec(model, spec, x[:4], seed=seed) <= 1e-9  # float64: only the order of sums differs
+    for seed in range(2):  # float64 and randomised state: only the order of sums differs (relative 1e-9)
+        check_spec(model, spec, x[:4], seed=seed, tolerance=1e-9)
     fresh = MODELS[name][0]().eval()  # float32, default initialisation: logits of ordinary size
-    assert check_spec(fresh, spec, x[:4], dtype=None) <= 1e-4
+    assert check_spec(fresh, spec, x[:4], dtype=None, randomise=False) <= 1e-4
 
 
 def _permuted_copy(
@@ -161,7 +161,7 @@ def test_torchvision_resnet50_traces_and_its_spec_is_exact() -> None:
     x = torch.randn(2, 3, 64, 64)
     spec = permutation_spec(model, x)
     assert len(spec.group_sizes) == 4 + 16 * 2 + 1  # 4 residual streams, 2 inner groups per bottleneck, stem
-    assert check_spec(model, spec, x) <= 1e-9
+    check_spec(model, spec, x, tolerance=1e-9)
 
 
 def test_concatenation_and_gating_are_supported() -> None:
@@ -280,3 +280,154 @@ def test_optimizer_state_is_permuted_with_the_model() -> None:
     for name, parameter in model.named_parameters():
         expected = permute_state({name: before[name]}, spec, permutations)[name]
         assert torch.equal(optimizer.state[parameter]["exp_avg"], expected), name
+
+
+# --------------------------------------------------------------------------- regressions found in review
+
+
+class _Sequence(nn.Module):
+    """Linear layers on (N, L, C) inputs: the units are on the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(x))))).mean(1)
+
+
+@pytest.mark.parametrize("length", [5, 16])
+def test_activation_matching_reads_units_on_the_last_axis_for_sequences(length: int) -> None:
+    torch.manual_seed(0)
+    model, x = _Sequence().eval(), torch.randn(32, length, 6)
+    spec = permutation_spec(model, x[:2])
+    assert set(spec.probe_axes.values()) == {2}
+    permuted, truth = _permuted_copy(model, spec)
+    (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
+    _assert_recovers(found, truth)
+
+
+class _Configurable(nn.Module):
+    def __init__(self, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        h = h + torch.relu(self.b(h)) if self.residual else torch.relu(self.b(h))
+        return self.head(h)
+
+
+def test_instances_of_one_class_with_different_forwards_get_their_own_specs() -> None:
+    from lightning_dimat.permutation.cache import spec_for
+
+    x = torch.randn(4, 8)
+    plain, residual = _Configurable(False), _Configurable(True)
+    assert len(spec_for(plain, x).group_sizes) == 2
+    assert len(spec_for(residual, x).group_sizes) == 1  # the add ties a and b
+    permuted, _ = _permuted_copy(residual, spec_for(residual, x))
+    aligned = align(residual, permuted, method="weight", data=x)
+    assert torch.allclose(aligned(x), residual(x), atol=1e-6)
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(nn.functional.dropout(torch.relu(self.a(x)), 0.5, training=self.training))
+
+
+def test_specs_are_traced_in_eval_mode_so_functional_dropout_is_off_during_matching() -> None:
+    torch.manual_seed(0)
+    model, x = _FunctionalDropout().train(), torch.randn(64, 6)
+    spec = permutation_spec(model, x[:2])
+    assert model.training
+    permuted, truth = _permuted_copy(model, spec)
+    (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
+    _assert_recovers(found, truth)
+
+
+def test_a_module_probe_that_runs_twice_is_refused() -> None:
+    tanh = nn.Tanh()
+    model = nn.Sequential(nn.Linear(4, 8), tanh, nn.Linear(8, 8), tanh, nn.Linear(8, 2))
+    spec = PermutationSpec.from_groups(
+        model, {"A": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]}, probes={"A": ["1"]}
+    )
+    with pytest.raises(ValueError, match="produced two activations in one forward pass"):
+        match_activations(spec, model, [model.state_dict()], [torch.randn(8, 4)])
+
+
+class _DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.c(torch.relu(self.a(x)))}
+
+
+def test_the_verifier_compares_dict_outputs_and_sees_through_fresh_batchnorm() -> None:
+    model, x = _DictOutput(), torch.randn(5, 4)
+    wrong = PermutationSpec.from_groups(model, {"h": [("a.weight", 0)]})  # a.bias and c.weight forgotten
+    with pytest.raises(SpecMismatchError):
+        check_spec(model, wrong, x)
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    missing_batchnorm = PermutationSpec.from_groups(
+        fresh, {"h": [("0.weight", 0), ("0.bias", 0), ("3.weight", 1)]}
+    )  # BatchNorm's entries forgotten: invisible while they hold their default values
+    with pytest.raises(SpecMismatchError):
+        check_spec(fresh, missing_batchnorm, torch.randn(2, 3, 6, 6))
+
+
+def test_correlations_are_exact_for_activations_with_large_means_and_under_autocast() -> None:
+    from lightning_dimat.permutation.activation import CrossStatistics, Moments
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4 * 4096, 6, generator=generator) * 0.01 + 100.0
+    b = a @ torch.randn(6, 6, generator=generator) * 0.01 + 50.0
+    moments, cross = Moments(6, torch.device("cpu")), CrossStatistics(6, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for chunk_a, chunk_b in zip(a.split(4096), b.split(4096), strict=True):
+            own = moments.centre(chunk_a)
+            moments.update(own)
+            with torch.autocast("cpu", enabled=False):
+                cross.update(own, chunk_b)
+    expected = torch.corrcoef(torch.cat([a, b], 1).T.double())[:6, 6:]
+    assert torch.allclose(cross.correlation(moments), expected, atol=1e-4)
+
+
+def test_merge_reads_generators_once_and_exactly_num_batches() -> None:
+    model, x = _warm_model("mlp")
+    permuted, _ = _permuted_copy(model, permutation_spec(model, x[:2]))
+    drawn: list[int] = []
+
+    def batches():
+        for index in range(10):
+            drawn.append(index)
+            yield x[index * 2 : index * 2 + 2], None
+
+    merged = merge([model, permuted], [0.5, 0.5], method="activation", data=batches(), num_batches=3)
+    assert drawn == [0, 1, 2]
+    assert type(merged) is type(model)
+    merge([model, permuted], method="weight", data=(x, torch.zeros(len(x))))  # an (x, y) tuple is one batch
+
+
+def test_weight_matching_handles_a_group_on_two_axes_of_one_tensor() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.shared, self.out = nn.Linear(4, 12), nn.Linear(12, 12), nn.Linear(12, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.inp(x))
+            return self.out(self.shared(torch.relu(self.shared(h))))
+
+    torch.manual_seed(0)
+    model, x = Shared().eval(), torch.randn(8, 4)
+    spec = permutation_spec(model, x)
+    assert spec.axes["shared.weight"][0] == spec.axes["shared.weight"][1]
+    permuted, truth = _permuted_copy(model, spec)
+    _assert_recovers(match_weights(spec, model.state_dict(), permuted.state_dict()), truth)

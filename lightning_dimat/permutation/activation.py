@@ -59,12 +59,23 @@ def _sink(function: Callable[[str, Tensor], None]) -> Iterator[None]:
 
 
 class Moments:
-    """Streaming count, sum and sum of squares of C units (samples along dim 0), in float64."""
+    """Streaming count, sum and sum of squares of C units (samples along dim 0), in float64.
+
+    Samples are shifted by the first batch's per-unit mean (:meth:`centre`) before they are summed, so
+    that activations with large means lose no precision in float32 products.
+    """
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.count = 0
+        self.shift: Tensor | None = None
         self.sum = torch.zeros(size, dtype=torch.float64, device=device)
         self.square = torch.zeros(size, dtype=torch.float64, device=device)
+
+    def centre(self, x: Tensor) -> Tensor:
+        """``x`` minus this stream's shift (set from the first batch it sees)."""
+        if self.shift is None:
+            self.shift = x.mean(0)
+        return x - self.shift
 
     def update(self, x: Tensor) -> None:
         self.count += x.shape[0]
@@ -85,7 +96,8 @@ class CrossStatistics:
         self.cross = torch.zeros(size, size, dtype=torch.float64, device=device)
 
     def update(self, reference: Tensor, other: Tensor) -> None:
-        """Adds samples: ``reference`` and ``other`` are (samples, C) float32."""
+        """Adds samples: ``reference`` (already centred) and ``other`` are (samples, C) float32."""
+        other = self.moments.centre(other)
         self.moments.update(other)
         self.cross += (reference.T @ other).double()
 
@@ -169,7 +181,18 @@ class ProbedModel:
         self, inputs: Any, sink: Callable[[str, Tensor], None], state: Mapping[str, Tensor] | None = None
     ) -> None:
         """Forward ``inputs`` (with ``state``'s weights if given), calling ``sink(probe, activation)``."""
-        with _sink(sink), self._hooks():
+        seen: set[str] = set()
+
+        def once(name: str, value: Tensor) -> None:
+            if name in seen:
+                raise ValueError(
+                    f"Probe {name!r} produced two activations in one forward pass (a module used twice), so "
+                    "they cannot be paired; probe a module that runs once per forward."
+                )
+            seen.add(name)
+            sink(name, value)
+
+        with _sink(once), self._hooks():
             if state is None:
                 self.runner(inputs)
             else:
@@ -185,7 +208,8 @@ def _accumulate(
     name: str,
     value: Tensor,
 ) -> None:
-    statistics[group_of[name]].update(own[name], _units_last(value, axes.get(name, 1)).float())
+    with torch.autocast(value.device.type, enabled=False):  # statistics in float32, even under autocast
+        statistics[group_of[name]].update(own[name], _units_last(value, axes.get(name, 1)).float())
 
 
 def match_activations(
@@ -226,13 +250,13 @@ def match_activations(
                 raw: dict[str, Tensor] = {}
                 probed.run(batch, raw.__setitem__)
                 # Each reference activation is reshaped, and its moments taken, once for all neighbours.
-                own = {
-                    name: _units_last(value, spec.probe_axes.get(name, 1)).float()
-                    for name, value in raw.items()
-                }
+                own: dict[str, Tensor] = {}
+                with torch.autocast(device.type, enabled=False):
+                    for name, value in raw.items():
+                        moments = own_moments[group_of[name]]
+                        own[name] = moments.centre(_units_last(value, spec.probe_axes.get(name, 1)).float())
+                        moments.update(own[name])
                 del raw
-                for name, units in own.items():
-                    own_moments[group_of[name]].update(units)
                 for index, state in enumerate(states):
                     accumulate = functools.partial(
                         _accumulate, own, statistics[index], group_of, spec.probe_axes

@@ -541,11 +541,12 @@ class _SpecBuilder:
         if info is None:
             return None
         entries = index if isinstance(index, tuple) else (index,)
-        if info.axis < len(entries) and entries[info.axis] != slice(None):
-            raise self.fail(node, "indexes or slices along the permuted channel axis")
         if any(entry is None or entry is Ellipsis for entry in entries[: info.axis + 1]):
             raise self.fail(node, "indexing with None/Ellipsis before the channel axis is not supported")
-        return info
+        if info.axis < len(entries) and entries[info.axis] != slice(None):
+            raise self.fail(node, "indexes or slices along the permuted channel axis")
+        removed = sum(isinstance(entry, int) for entry in entries[: info.axis])
+        return _Tracked(info.axis - removed, info.layout)
 
     def _pad(self, node: fx.Node, source: Any, pad: Sequence[int]) -> _Tracked | None:
         """``F.pad`` pads the last ``len(pad) // 2`` dims; padding the channel axis is not permutable."""
@@ -584,8 +585,11 @@ class _SpecBuilder:
         sizes = {names[root]: self.groups.size[root] for root in roots}
         used = {segment.group for layouts in axes.values() for layout in layouts for segment in layout or ()}
         sizes = {group: size for group, size in sizes.items() if group in used}
+        probes = self._probes(names, sizes)
+        chosen = {name for names_ in probes.values() for name in names_}
+        probe_axes = {name: axis for name, axis in self.observed_axes.items() if name in chosen}
         return PermutationSpec(
-            sizes, axes, self._probes(names, sizes), probe_kind="node", graph=self.gm.graph
+            sizes, axes, probes, probe_kind="node", probe_axes=probe_axes, graph=self.gm.graph
         )
 
     def _probes(self, names: dict[str, str], sizes: dict[str, int]) -> dict[str, tuple[str, ...]]:
@@ -667,19 +671,21 @@ def permutation_spec(model: nn.Module, example_input: Tensor | Sequence[Tensor])
         UnsupportedModelError: for an untraceable model or an operation without a permutation rule (the
             message names the node and module and points to the hand-written fallback).
     """
-    graph_module = trace(model)
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     was_training = model.training
     try:
+        # Eval mode while tracing too: F.dropout(x, training=self.training) is frozen into the graph.
         model.eval()
+        graph_module = trace(model)
         with torch.no_grad():
             ShapeProp(graph_module).propagate(*inputs)
+    except UnsupportedModelError:
+        raise
     except Exception as error:
         raise UnsupportedModelError(
             f"Running {type(model).__name__} on the example input of shape "
             f"{tuple(getattr(inputs[0], 'shape', ()))} failed ({type(error).__name__}: {error}); "
-            "pass an input "
-            "the model accepts."
+            "pass an input the model accepts."
         ) from error
     finally:
         model.train(was_training)

@@ -63,7 +63,13 @@ def match_weights(
             score = torch.zeros(size, size, dtype=torch.float64)
             for key, axis, offset, segment in members[group]:
                 mine = _units(reference[key], axis, offset, segment.size, segment.block)
-                theirs = permute_tensor(other[key], spec.axes[key], others)
+                # Every other axis gets every current permutation (the group's own included, when it also
+                # permutes another axis of this tensor); the scored axis gets all but the group's.
+                layouts = spec.axes[key]
+                theirs = permute_tensor(
+                    other[key], (*layouts[:axis], None, *layouts[axis + 1 :]), permutations
+                )
+                theirs = permute_tensor(theirs, (None,) * axis + (layouts[axis],), others)
                 theirs = _units(theirs, axis, offset, segment.size, segment.block)
                 score += (mine @ theirs.T).double().cpu()
             candidate = solve_assignment(score)
