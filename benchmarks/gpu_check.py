@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from common import EpochClock, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Subset
 
@@ -26,39 +26,13 @@ from lightning_dimat.data import DigitsDataModule
 from lightning_dimat.models import ImageClassifier
 
 
-class EpochClock(Callback):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - self._start)
-        self.device = str(next(pl_module.parameters()).device)  # (teardown moves modules back to the CPU)
-
-
 def module() -> ImageClassifier:
     return ImageClassifier(
         "small_cnn", {"in_channels": 1, "width": 64}, num_classes=10, optimizer="msgd", lr=0.02
     )
 
 
-def trainer(accelerator: str, epochs: int, callbacks: list[Callback], **options: Any) -> Trainer:
-    return Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **options,
-    )
+trainer = quiet_trainer
 
 
 def fit(accelerator: str, precision: str, epochs: int = 6, **options: Any) -> dict[str, Any]:

@@ -15,12 +15,12 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from common import EpochClock, quiet_trainer
+from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_dimat import DIMATStrategy, partition
@@ -30,32 +30,14 @@ from lightning_dimat.models import ImageClassifier
 RESULTS = Path(__file__).parent / "results"
 
 
-class TrainingClock(Callback):
-    """Sums wall time spent inside training epochs."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started = 0.0
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.seconds += time.perf_counter() - self._started
-
-
-def _trainer(clock: TrainingClock, epochs: int, **options: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
+def _trainer(clock: EpochClock, epochs: int, **options: Any) -> Trainer:
+    return quiet_trainer(
+        "cpu",
+        epochs,
+        [clock],
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[clock],
         **options,
     )
 
@@ -66,24 +48,24 @@ def _module(model: str) -> ImageClassifier:
 
 
 def run_dimat(train: TensorDataset, args: argparse.Namespace) -> float:
-    clock = TrainingClock()
+    clock = EpochClock()
     strategy = DIMATStrategy(
         num_agents=args.agents, partition=args.partition, agent_init="copy", export="none"
     )
     trainer = _trainer(clock, args.epochs, strategy=strategy)
     trainer.fit(_module(args.model), DataLoader(train, batch_size=args.batch_size, shuffle=True))
-    return clock.seconds
+    return sum(clock.seconds)
 
 
 def run_plain(train: TensorDataset, args: argparse.Namespace) -> float:
     shards = partition(train.tensors[1], args.agents, args.partition, seed=0)
     total = 0.0
     for shard in shards:
-        clock = TrainingClock()
+        clock = EpochClock()
         trainer = _trainer(clock, args.epochs)
         loader = DataLoader(Subset(train, shard.tolist()), batch_size=args.batch_size, shuffle=True)
         trainer.fit(_module(args.model), loader)
-        total += clock.seconds
+        total += sum(clock.seconds)
     return total
 
 

@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.datasets.vision import StandardTransform
 
-from lightning_dimat.data.digits import _stratified_split
+from lightning_dimat.data.splits import SplitDataModule, check_fraction
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
@@ -55,32 +53,7 @@ def _with_transform(dataset: Any, transform: Callable[[Any], Any] | None) -> Any
     return clone
 
 
-def _holdout_split(
-    train_set: Dataset, eval_train_set: Dataset, labels: np.ndarray, val_fraction: float, seed: int
-) -> tuple[Subset, Subset]:
-    """A stratified, seeded hold-out: ``(Subset(train_set, rest), Subset(eval_train_set, held_out))``.
-
-    ``eval_train_set`` is the same data as ``train_set`` with the evaluation transform, so the validation
-    images are never augmented.
-    """
-    train, val, _ = _stratified_split(labels, (val_fraction, 0.0), seed)
-    if len(val) == 0 or len(train) == 0:
-        raise ValueError(
-            f"val_fraction={val_fraction} of {len(labels)} training images leaves "
-            f"{len(train)} for training and {len(val)} for validation; choose a fraction that keeps both."
-        )
-    return Subset(train_set, train.tolist()), Subset(eval_train_set, val.tolist())
-
-
-def _check_fraction(val_fraction: float) -> None:
-    """Raises ``ValueError`` unless ``0 <= val_fraction < 1``."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(
-            f"val_fraction must be in [0, 1) (0: validate on the test split), got {val_fraction}."
-        )
-
-
-class _CIFARDataModule(LightningDataModule):
+class _CIFARDataModule(SplitDataModule):
     """Shared implementation of :class:`CIFAR10DataModule` and :class:`CIFAR100DataModule`.
 
     Args:
@@ -115,7 +88,7 @@ class _CIFARDataModule(LightningDataModule):
         check_md5: bool = True,
     ) -> None:
         super().__init__()
-        _check_fraction(val_fraction)
+        check_fraction(val_fraction)
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -185,27 +158,7 @@ class _CIFARDataModule(LightningDataModule):
         eval_transform = self.eval_transform()
         train = self._load(True, self.train_transform())
         test = self._load(False, eval_transform)
-        self.test_set: Dataset = test
-        if self.val_fraction > 0:
-            eval_train = _with_transform(train, eval_transform)
-            labels = np.asarray(train.targets)
-            self.train_set, self.val_set = _holdout_split(
-                train, eval_train, labels, self.val_fraction, self.seed
-            )
-        else:
-            self.train_set, self.val_set = train, test
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        self.assign_splits(train, _with_transform(train, eval_transform), test, np.asarray(train.targets))
 
 
 class CIFAR10DataModule(_CIFARDataModule):

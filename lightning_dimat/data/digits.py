@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dimat.data.splits import stratified_split
 
 
 class DigitsDataModule(LightningDataModule):
@@ -53,9 +54,7 @@ class DigitsDataModule(LightningDataModule):
         digits = load_digits()
         images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
         labels = torch.tensor(digits.target, dtype=torch.long)
-        train, val, test = _stratified_split(
-            digits.target, (self.val_fraction, self.test_fraction), self.seed
-        )
+        train, val, test = stratified_split(digits.target, (self.val_fraction, self.test_fraction), self.seed)
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
         self.test_set = TensorDataset(images[test], labels[test])
@@ -70,20 +69,3 @@ class DigitsDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
-
-
-def _stratified_split(
-    labels: np.ndarray, fractions: tuple[float, float], seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices for train / val / test, each class split in the given proportions."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for label in np.unique(labels):
-        indices = rng.permutation(np.flatnonzero(labels == label))
-        n_val = round(len(indices) * fractions[0])
-        n_test = round(len(indices) * fractions[1])
-        parts[1].append(indices[:n_val])
-        parts[2].append(indices[n_val : n_val + n_test])
-        parts[0].append(indices[n_val + n_test :])
-    train, val, test = (np.sort(np.concatenate(part)) for part in parts)
-    return train, val, test

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from lightning_dimat.data.cifar import _check_fraction, _holdout_split
+from lightning_dimat.data.splits import SplitDataModule, check_fraction
 
 __all__ = ["TinyImageNet", "TinyImageNetDataModule"]
 
@@ -286,7 +285,7 @@ class TinyImageNet(Dataset):
         )
 
 
-class TinyImageNetDataModule(LightningDataModule):
+class TinyImageNetDataModule(SplitDataModule):
     """Tiny ImageNet as ImageNet-normalized ``(3, image_size, image_size)`` tensors, from a folder or a zip.
 
     Test set: the original ``val/`` split. Validation: the test set, or a stratified hold-out of the
@@ -324,7 +323,7 @@ class TinyImageNetDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_fraction(val_fraction)
+        check_fraction(val_fraction)
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}.")
         if classes is not None and (isinstance(classes, bool) or classes < 1):
@@ -372,24 +371,6 @@ class TinyImageNetDataModule(LightningDataModule):
         train = TinyImageNet(self.data_dir, "train", self.train_transform(), self.classes)
         test = TinyImageNet(self.data_dir, "val", self.eval_transform(), self.classes)
         self._num_classes = len(train.classes)
-        self.test_set: Dataset = test
-        if self.val_fraction > 0:
-            eval_train = train.with_transform(self.eval_transform())
-            labels = np.asarray(train.targets)
-            self.train_set, self.val_set = _holdout_split(
-                train, eval_train, labels, self.val_fraction, self.seed
-            )
-        else:
-            self.train_set, self.val_set = train, test
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        self.assign_splits(
+            train, train.with_transform(self.eval_transform()), test, np.asarray(train.targets)
+        )
