@@ -122,19 +122,48 @@ class AgentLogRouter:
                 )
 
     def flush_epoch(self) -> None:
-        """Logs the epoch means of the current stage (call at the end of its ``on_*_epoch_end`` hook)."""
+        """Logs the epoch means of the current stage (call at the end of its ``on_*_epoch_end`` hook).
+
+        With several processes, every agent's epoch value is gathered to every process first: each process
+        logs the same mean over *all* agents, and the other processes' agent keys too (for rank 0's
+        loggers). (Step-level means stay over the local agents: no collective runs per step.)
+        """
+        per_name: dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]] = {}
         for name, entry in self._epoch.pop(self._stage(), {}).items():
             options = dict(entry.options)
             reduce_fx = options.pop("reduce_fx")
-            per_agent = [torch.as_tensor(metric.compute()) for metric in entry.metrics.values()]
-            per_agent += [_reduce(values, reduce_fx) for values in entry.values.values()]
-            if per_agent:
-                self._log_mean(name, per_agent, {**options, "on_step": False, "on_epoch": True})
+            values = {
+                g: torch.as_tensor(metric.compute()).detach().cpu() for g, metric in entry.metrics.items()
+            }
+            values.update({g: _reduce(v, reduce_fx).detach().cpu() for g, v in entry.values.items()})
+            per_name[name] = (options, values)
+        if self.swarm.world_size > 1:
+            per_name = self._gathered(per_name)
+        for name, (options, values) in per_name.items():
+            if values:
+                self._log_mean(name, list(values.values()), {**options, "on_step": False, "on_epoch": True})
+
+    def _gathered(
+        self, per_name: dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]]
+    ) -> dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]]:
+        merged: dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]] = {}
+        for part in self.swarm.trainer.strategy.all_gather_object(per_name):
+            for name, (options, values) in part.items():
+                merged.setdefault(name, (options, {}))[1].update(values)
+        local = set(self.swarm.agent_ids)
+        for name, (options, values) in merged.items():
+            for agent_id, value in values.items():
+                if agent_id not in local:
+                    logged = {**options, "prog_bar": False, "on_step": False, "on_epoch": True}
+                    LightningModule.log(
+                        self.swarm, agent_key(agent_id, name), value.to(self.swarm.device), batch_size=1,
+                        add_dataloader_idx=False, **logged,
+                    )  # fmt: skip
+        return merged
 
     def _log_mean(self, name: str, values: list[torch.Tensor], options: dict[str, Any]) -> None:
         device = self.swarm.device
         mean = torch.stack([value.detach().to(device=device, dtype=torch.float32) for value in values]).mean()
-        options["sync_dist"] = self.swarm.world_size > 1
         LightningModule.log(self.swarm, name, mean, batch_size=1, add_dataloader_idx=False, **options)
 
 

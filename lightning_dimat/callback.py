@@ -117,7 +117,12 @@ class MergeCallback(Callback):
         started = time.perf_counter()
         states = {agent_id: _detached(agent.state_dict()) for agent_id, agent in swarm.items()}
         parameter_names = [name for name, _ in swarm.agent(swarm.agent_ids[0]).named_parameters()]
-        distance_before = consensus_distance(states, parameter_names)
+        distance_before = consensus_distance(states, parameter_names, strategy)
+        # Neighbours held by other processes: only their weights cross the wire (matching stays local).
+        remote, sent = strategy.exchange(states)
+        strategy.last_exchange_bytes = sent
+        device = strategy.root_device
+        states.update({j: {k: v.to(device) for k, v in state.items()} for j, state in remote.items()})
         received_bytes = 0
         merged: dict[int, StateDict] = {}
         for agent_id, agent in swarm.items():
@@ -148,12 +153,18 @@ class MergeCallback(Callback):
         metrics = {
             "merge/round": float(self.round),
             "merge/time_s": time.perf_counter() - started,
-            "merge/bytes": float(received_bytes),
+            "merge/bytes": float(
+                strategy.reduce(torch.tensor(float(received_bytes), device=device), reduce_op="sum")
+            ),
+            "merge/bytes_sent": float(
+                strategy.reduce(torch.tensor(float(sent), device=device), reduce_op="sum")
+            ),
             "merge/spectral_gap": topology.spectral_gap,
             "merge/consensus_distance_before": distance_before,
             "merge/consensus_distance_after": consensus_distance(
                 {agent_id: _detached(agent.state_dict()) for agent_id, agent in swarm.items()},
                 parameter_names,
+                strategy,
             ),
         }
         for name, value in metrics.items():
@@ -176,12 +187,24 @@ def state_bytes(state: Mapping[str, Tensor]) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
 
 
-def consensus_distance(states: Mapping[int, Mapping[str, Tensor]], names: list[str]) -> float:
-    """Mean over agents of ‖x_i − x̄‖ over the entries ``names`` (the parameters)."""
-    vectors = torch.stack(
-        [
-            torch.cat([state[name].detach().float().flatten().cpu() for name in names])
-            for state in states.values()
-        ]
-    )
-    return float((vectors - vectors.mean(dim=0)).norm(dim=1).mean())
+def consensus_distance(
+    states: Mapping[int, Mapping[str, Tensor]], names: list[str], strategy: DIMATStrategy | None = None
+) -> float:
+    """Mean over all agents of ‖x_i − x̄‖ over the entries ``names`` (the parameters).
+
+    ``states`` are the local agents'; with several processes, x̄ and the mean are all-reduced (one
+    all-reduce of the model size, so the number is the same in every process).
+    """
+    vectors = {
+        agent_id: torch.cat([state[name].detach().double().flatten() for name in names])
+        for agent_id, state in states.items()
+    }
+    total = torch.stack(list(vectors.values())).sum(0)
+    count = torch.tensor(float(len(vectors)), dtype=torch.float64, device=total.device)
+    if strategy is not None and strategy.world_size > 1:
+        total, count = strategy.reduce(total, reduce_op="sum"), strategy.reduce(count, reduce_op="sum")
+    mean = total / count
+    distances = torch.stack([(vector - mean).norm() for vector in vectors.values()]).sum()
+    if strategy is not None and strategy.world_size > 1:
+        distances = strategy.reduce(distances, reduce_op="sum")
+    return float(distances / count)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -17,6 +19,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -25,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from lightning_dimat.agent_data import AgentLoader, batches_per_epoch, clone_for_shard
 from lightning_dimat.agent_rng import LIBRARIES, AgentRandomStreams, agent_seed, seeded
+from lightning_dimat.exchange import ExchangeError, ExchangePlan, exchange_states, plan_exchange
 from lightning_dimat.merge import MERGE_METHODS, load_state_in_place, recompute_batchnorm, weighted_state
 from lightning_dimat.partition import PARTITIONS, dataset_labels, partition
 from lightning_dimat.placement import agents_on_rank
@@ -131,6 +135,8 @@ class DIMATStrategy(DDPStrategy):
         self._clip_algorithm: str | None = None
         self._accumulate = 1
         self.shards: list[np.ndarray] | None = None
+        self._exchange_plan: ExchangePlan | None = None
+        self.last_exchange_bytes = 0
         self.agent_loaders: dict[int, DataLoader] = {}
 
     # --------------------------------------------------------------- placement
@@ -159,19 +165,81 @@ class DIMATStrategy(DDPStrategy):
             )
 
     def _configure_launcher(self) -> None:
-        if self.world_size > 1:
-            raise NotImplementedError(
-                f"DIMATStrategy runs in one process for now; got {self.world_size} processes "
-                "(devices × num_nodes). Use devices=1."
-            )
-        self._launcher = None
+        agents_on_rank(self.num_agents, self.world_size, 0)  # more processes than agents: refused now
+        if self.world_size == 1:
+            self._launcher = None  # one process: nothing to launch (and notebooks work)
+        elif self._start_method == "popen":
+            super()._configure_launcher()
+        else:
+            self._launcher = _ExportingMultiProcessingLauncher(self, start_method=self._start_method)
 
     def setup_environment(self) -> None:
+        if self.world_size > 1:
+            # Agent metrics are per process by design (each process holds other agents); epoch means over
+            # all agents are gathered by the swarm, so Lightning's advice to sync_dist does not apply.
+            warnings.filterwarnings("ignore", message=r".*sync_dist=True.*distributed setting.*")
+            super().setup_environment()  # the device, then the process group (gloo on CPU, nccl on GPU)
+            return
         assert self.accelerator is not None
         self.accelerator.setup_device(self.root_device)
 
-    def setup_distributed(self) -> None:  # no process group for a single process
-        self.set_world_ranks()
+    def setup_distributed(self) -> None:
+        if self.world_size > 1:
+            super().setup_distributed()
+        else:  # no process group for a single process
+            self.set_world_ranks()
+
+    # ------------------------------------------------------------ collectives
+    @property
+    def rank(self) -> int:
+        return self.global_rank if self.world_size > 1 else 0
+
+    @contextlib.contextmanager
+    def peers(self, what: str) -> Iterator[None]:
+        """Turns a failed collective (a process died, or hung past ``timeout``) into a clear error."""
+        try:
+            yield
+        except ExchangeError:
+            raise
+        except RuntimeError as error:  # gloo/nccl errors, including DistBackendError and timeouts
+            raise ExchangeError(
+                f"Rank {self.rank}: {what} failed: another process died or did not answer within "
+                f"{self._timeout}. Nothing since the last checkpoint is saved; resume from it with "
+                f"ckpt_path=... ({type(error).__name__}: {error})"
+            ) from error
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` from every process, in rank order (``[obj]`` in one process)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        with self.peers("gathering agent data"):
+            torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        with self.peers("a reduction across processes"):
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    def exchange(
+        self, states: dict[int, dict[str, torch.Tensor]]
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
+        """The neighbour states the local agents need from other processes, and the bytes sent."""
+        if self.world_size == 1:
+            return {}, 0
+        if self._exchange_plan is None:
+            self._exchange_plan = plan_exchange(self.topology, self.world_size, self.rank)
+        device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
+        return exchange_states(states, self._exchange_plan, device, self._timeout)
+
+    def agent_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every agent's ``state_dict`` (on the CPU), gathered from all processes, keyed by global id."""
+        assert self.swarm is not None
+        local = {
+            agent_id: {key: value.detach().cpu() for key, value in agent.state_dict().items()}
+            for agent_id, agent in self.swarm.items()
+        }
+        return {agent_id: state for part in self.all_gather_object(local) for agent_id, state in part.items()}
 
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -318,6 +386,37 @@ class DIMATStrategy(DDPStrategy):
             yield self.precision_plugin.convert_input(self.swarm.to_device(agent_id, batch))
             count += 1
 
+    # ------------------------------------------------------------ checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Every agent's weights (gathered from all processes), keyed ``agents.<global id>.*``."""
+        assert self.swarm is not None
+        local = self.swarm.state_dict()
+        if self.world_size == 1:
+            return local
+        local = {key: value.detach().cpu() for key, value in local.items()}
+        return {key: value for part in self.all_gather_object(local) for key, value in part.items()}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Every agent's optimizer and schedulers (gathered from all processes), keyed by global id."""
+        state = super().optimizer_state(optimizer)
+        if self.world_size == 1 or "agents" not in state:
+            return state
+        local = _to_cpu(state)
+        return {
+            "agents": {
+                agent_id: entry
+                for part in self.all_gather_object(local)
+                for agent_id, entry in part["agents"].items()
+            }
+        }
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Loads the local agents' weights from a checkpoint written with any number of processes."""
+        assert self.swarm is not None
+        prefixes = tuple(f"agents.{agent_id}." for agent_id in self.swarm.agent_ids)
+        state = {key: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefixes)}
+        self.swarm.load_state_dict(state, strict=strict)
+
     # ----------------------------------------------------------------- export
     def teardown(self) -> None:
         trainer = self.lightning_module._trainer if self.lightning_module is not None else None
@@ -335,23 +434,49 @@ class DIMATStrategy(DDPStrategy):
             return
         if is_overridden("configure_model", module, LightningModule):
             module.configure_model()  # layers built there exist in the agents, so they must here too
-        if isinstance(self.export, int):
+        if self.world_size > 1:
+            states = self.agent_states()  # (collectives: every process takes part)
+            if isinstance(self.export, int):
+                state = states[self.export]
+            else:
+                # BatchNorm of the consensus is re-estimated on every agent's batches, as in one process.
+                local = [
+                    _to_cpu(batch)
+                    for agent_id in self.swarm.agent_ids
+                    for batch in self.local_batches(agent_id, 10)
+                ]
+                batches = [batch for part in self.all_gather_object(local) for batch in part]
+                consensus = self.consensus_state(states=states, batches=batches) if self.rank == 0 else None
+                state = self.all_gather_object(consensus)[0]
+        elif isinstance(self.export, int):
             state = self.swarm.agent(self.export).state_dict()
         else:
             state = self.consensus_state()
         module.load_state_dict({key: value.to(module.device) for key, value in state.items()})
 
-    def consensus_state(self, num_batches: int | None = 10) -> dict[str, torch.Tensor]:
-        """All agents merged with equal weights in agent 0's basis; BatchNorm re-estimated on all shards."""
+    def consensus_state(
+        self,
+        num_batches: int | None = 10,
+        states: dict[int, dict[str, torch.Tensor]] | None = None,
+        batches: list[Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """All agents merged with equal weights in the first local agent's basis, BatchNorm re-estimated on
+        ``num_batches`` of every agent's own batches. ``states``/``batches`` supply agents held elsewhere."""
         assert self.swarm is not None
         callback = self._merge_callback()
         method = MERGE_METHODS.get(callback.method if callback is not None else "average")
-        reference_id, *others = self.swarm.agent_ids
+        reference_id = self.swarm.agent_ids[0]
         reference = self.swarm.agent(reference_id)
+        if states is None:
+            states = {agent_id: agent.state_dict() for agent_id, agent in self.swarm.items()}
+        others = [agent_id for agent_id in sorted(states) if agent_id != reference_id]
         data = list(self.local_batches(reference_id, num_batches)) if method.requires_data else None
         aligned = method(
             reference,
-            [self.swarm.agent(agent_id).state_dict() for agent_id in others],
+            [
+                {key: value.to(self.root_device) for key, value in states[agent_id].items()}
+                for agent_id in others
+            ],
             data,
             spec=callback.spec if callback is not None else None,
             forward_context=self.precision_plugin.forward_context,
@@ -359,12 +484,13 @@ class DIMATStrategy(DDPStrategy):
         states = [reference.state_dict(), *aligned]
         consensus = copy.deepcopy(reference)
         load_state_in_place(consensus, weighted_state(states, [1.0 / len(states)] * len(states)))
-        if self.agent_loaders:
+        if batches is None and self.agent_loaders:
             batches = [
                 batch
                 for agent_id in self.swarm.agent_ids
                 for batch in self.local_batches(agent_id, num_batches)
             ]
+        if batches:
             recompute_batchnorm(consensus, batches, forward_context=self.precision_plugin.forward_context)
         return consensus.state_dict()
 
@@ -374,6 +500,32 @@ class DIMATStrategy(DDPStrategy):
         trainer = self.lightning_module._trainer if self.lightning_module is not None else None
         callbacks = trainer.callbacks if trainer is not None else []
         return next((callback for callback in callbacks if isinstance(callback, MergeCallback)), None)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+class _ExportingMultiProcessingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn/fork launcher, handing the *exported* module (not rank 0's agents) back to the main
+    process, where your module object is."""
+
+    def _collect_rank_zero_results(self, trainer: Trainer, results: Any) -> _WorkerOutput | None:
+        strategy = trainer.strategy
+        assert isinstance(strategy, DIMATStrategy)
+        swarm, user_module = strategy._lightning_module, strategy._user_module
+        if user_module is not None:
+            strategy._lightning_module = user_module
+        try:
+            return super()._collect_rank_zero_results(trainer, results)
+        finally:
+            strategy._lightning_module = swarm
 
 
 def _check_options(kind: str, name: str, function: Any, options: dict[str, Any], skip: int) -> None:

@@ -473,10 +473,11 @@ class AgentSwarm(LightningModule):
             if is_overridden("on_save_checkpoint", agent, LightningModule):
                 agent.on_save_checkpoint(own)
             extra[agent_id] = own
+        local = {"random_streams": self.streams.state_dict(), "agent_checkpoint_extras": extra}
+        parts = self.trainer.strategy.all_gather_object(local)  # every process's agents, keyed by global id
         checkpoint["dimat"] = {
             "num_agents": self.num_agents,
-            "random_streams": self.streams.state_dict(),
-            "agent_checkpoint_extras": extra,
+            **{key: {g: value for part in parts for g, value in part[key].items()} for key in local},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,85 @@
+"""A DIMAT run on W processes, driven by tests/test_scaleout.py through a subprocess (Lightning's own launcher
+re-runs this script for the other ranks). Rank 0 writes every agent's final weights and what each rank sent.
+
+    python tests/scaleout_run.py --devices 2 --agents 4 --epochs 4 --output /tmp/out.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import BlobsData, TinyNet, make_trainer
+
+from lightning_dimat import DIMATStrategy, MergeCallback
+
+
+class ExitBeforeExchange(Callback):
+    """Rank 1 dies right before the first merge's exchange: rank 0 must fail cleanly within the timeout."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if trainer.is_last_batch and trainer.current_epoch == 1 and trainer.global_rank == 1:
+            os._exit(3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--topology", default="ring")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--checkpoints", type=Path, default=None)
+    parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--die", action="store_true")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
+    callbacks.append(MergeCallback(every_n_epochs=2, method="activation", num_batches=2))
+    if args.checkpoints is not None:
+        callbacks.append(ModelCheckpoint(dirpath=args.checkpoints, save_top_k=-1, every_n_epochs=1))
+    strategy = DIMATStrategy(
+        num_agents=args.agents,
+        topology=args.topology,
+        partition="by_class",
+        timeout=timedelta(seconds=args.timeout),
+        export="consensus",
+    )
+    trainer = make_trainer(
+        strategy=strategy,
+        devices=args.devices,
+        callbacks=callbacks,
+        max_epochs=args.epochs,
+        enable_checkpointing=args.checkpoints is not None,
+    )
+    model = TinyNet(momentum=0.9, dropout=0.2)
+    started = time.perf_counter()
+    try:
+        trainer.fit(model, datamodule=BlobsData(), ckpt_path=args.resume)
+    except Exception as error:
+        if trainer.global_rank == 0:
+            torch.save(
+                {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started},
+                args.output,
+            )
+        raise
+    states = strategy.agent_states()
+    sent = strategy.all_gather_object(strategy.last_exchange_bytes)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    if trainer.global_rank == 0:
+        exported = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+        torch.save({"states": states, "sent": sent, "metrics": metrics, "exported": exported}, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Agents spread over 2 processes (gloo on CPU, Lightning's own launcher): the same results as one process,
+neighbour-only exchange, checkpoints that move between process counts, and a clean failure when a peer dies.
+
+Each run is a subprocess (tests/scaleout_run.py), exactly as a user starts a multi-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_dimat.exchange import plan_exchange
+from lightning_dimat.topology import build_topology
+
+SCRIPT = Path(__file__).parent / "scaleout_run.py"
+
+
+def _run(
+    tmp: Path, name: str, *args: str, expect_failure: bool = False, timeout: float = 240
+) -> dict[str, Any]:
+    output = tmp / f"{name}.pt"
+    process = subprocess.run(
+        [sys.executable, str(SCRIPT), "--output", str(output), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"},
+    )
+    if expect_failure:
+        assert process.returncode != 0
+    else:
+        assert process.returncode == 0, process.stderr[-4000:]
+    return torch.load(output, weights_only=False)
+
+
+def _max_difference(a: dict[int, dict[str, torch.Tensor]], b: dict[int, dict[str, torch.Tensor]]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[g][k].double() - b[g][k].double()).abs().max()) for g in a for k in a[g])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("scaleout")
+    results = {
+        "w1": _run(tmp, "w1", "--devices", "1", "--checkpoints", str(tmp / "ck1")),
+        "w2": _run(tmp, "w2", "--devices", "2", "--checkpoints", str(tmp / "ck2")),
+    }
+    (w2_checkpoint,) = (tmp / "ck2").glob("epoch=2-*.ckpt")
+    (w1_checkpoint,) = (tmp / "ck1").glob("epoch=2-*.ckpt")
+    results["w2_to_w1"] = _run(tmp, "w2_to_w1", "--devices", "1", "--resume", str(w2_checkpoint))
+    results["w1_to_w2"] = _run(tmp, "w1_to_w2", "--devices", "2", "--resume", str(w1_checkpoint))
+    return results
+
+
+def test_two_processes_give_the_agents_of_one_process(runs: dict[str, Any]) -> None:
+    # 4 agents, ring, by_class, activation matching, merges after epochs 1 and 3.
+    assert float(runs["w2"]["metrics"]["merge/round"]) == 2.0
+    assert _max_difference(runs["w1"]["states"], runs["w2"]["states"]) <= 1e-6
+    exported_1, exported_2 = runs["w1"]["exported"], runs["w2"]["exported"]
+    assert (
+        max(float((exported_1[k].double() - exported_2[k].double()).abs().max()) for k in exported_1) <= 1e-6
+    )
+    for key in ("val_acc", "agent_3/val_acc", "merge/consensus_distance_after", "merge/bytes"):
+        assert runs["w2"]["metrics"][key] == pytest.approx(runs["w1"]["metrics"][key], abs=1e-6), key
+
+
+def test_each_process_sends_only_its_agents_neighbours_needs(runs: dict[str, Any]) -> None:
+    state = runs["w1"]["states"][0]
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    # Ring of 4 on 2 processes: agents 0,1 | 2,3; each process needs exactly two of the other's agents.
+    assert runs["w2"]["sent"] == [2 * state_bytes, 2 * state_bytes]
+    assert runs["w1"]["sent"] == [0]
+    assert runs["w2"]["metrics"]["merge/bytes_sent"] == 4 * state_bytes
+
+
+def test_checkpoints_move_between_process_counts(runs: dict[str, Any]) -> None:
+    assert _max_difference(runs["w1"]["states"], runs["w2_to_w1"]["states"]) <= 1e-6
+    assert _max_difference(runs["w1"]["states"], runs["w1_to_w2"]["states"]) <= 1e-6
+
+
+def test_fully_connected_uses_one_all_gather_and_uneven_placement_works(tmp_path: Path) -> None:
+    fc_1 = _run(tmp_path, "fc1", "--devices", "1", "--topology", "fully_connected")
+    fc_2 = _run(tmp_path, "fc2", "--devices", "2", "--topology", "fully_connected")
+    assert _max_difference(fc_1["states"], fc_2["states"]) <= 1e-6
+    state_bytes = sum(t.numel() * t.element_size() for t in fc_1["states"][0].values())
+    assert fc_2["sent"] == [2 * state_bytes, 2 * state_bytes]  # all-gather: each process's 2 agents, once
+    uneven_1 = _run(tmp_path, "u1", "--devices", "1", "--agents", "5", "--epochs", "2")
+    uneven_2 = _run(tmp_path, "u2", "--devices", "2", "--agents", "5", "--epochs", "2")
+    assert _max_difference(uneven_1["states"], uneven_2["states"]) <= 1e-6
+
+
+def test_a_peer_that_dies_mid_exchange_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    result = _run(tmp_path, "dies", "--devices", "2", "--die", "--timeout", "20", expect_failure=True)
+    assert "another process died or did not answer" in result["error"]
+    assert "resume from it with ckpt_path" in result["error"]
+    assert result["seconds"] < 20 + 10
+
+
+@pytest.mark.parametrize(("topology", "dense"), [("ring", False), ("fully_connected", True), ("star", False)])
+def test_exchange_plans_are_symmetric_and_neighbour_only(topology: str, dense: bool) -> None:
+    graph = build_topology(topology, 8)
+    plans = [plan_exchange(graph, world_size=2, rank=rank) for rank in range(2)]
+    assert plans[0].sends.get(1, []) == plans[1].receives.get(0, [])
+    assert plans[1].sends.get(0, []) == plans[0].receives.get(1, [])
+    assert all(plan.dense == dense for plan in plans)
+    for rank, plan in enumerate(plans):
+        mine = range(4 * rank, 4 * rank + 4)
+        needed = {j for i in mine for j in graph.neighbors(i) if j not in mine}
+        assert set(plan.receives.get(1 - rank, [])) == needed
