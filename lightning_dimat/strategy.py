@@ -263,6 +263,8 @@ class DIMATStrategy(DDPStrategy):
     def connect(self, model: LightningModule) -> None:
         """Swaps the user's module for the swarm, before Lightning runs its checks and hooks."""
         trainer = model.trainer
+        if self.world_size > 1:
+            self.set_world_ranks()  # spawn/fork workers learn their rank only now (LOCAL_RANK)
         if isinstance(model, AgentSwarm):
             swarm = model
         elif self.swarm is not None and model is self._user_module:

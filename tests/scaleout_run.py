@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--die", action="store_true")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -54,6 +55,7 @@ def main() -> None:
         partition="by_class",
         timeout=timedelta(seconds=args.timeout),
         export="consensus",
+        start_method=args.start_method,
     )
     trainer = make_trainer(
         strategy=strategy,
@@ -73,11 +75,14 @@ def main() -> None:
                 args.output,
             )
         raise
+    exported = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    if args.start_method != "popen":  # workers are gone: only the exported module came back
+        torch.save({"exported": exported, "metrics": dict(trainer.callback_metrics)}, args.output)
+        return
     states = strategy.agent_states()
     sent = strategy.all_gather_object(strategy.last_exchange_bytes)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.global_rank == 0:
-        exported = {key: value.detach().cpu() for key, value in model.state_dict().items()}
         torch.save({"states": states, "sent": sent, "metrics": metrics, "exported": exported}, args.output)
 
 

@@ -95,6 +95,18 @@ def test_fully_connected_uses_one_all_gather_and_uneven_placement_works(tmp_path
     assert _max_difference(uneven_1["states"], uneven_2["states"]) <= 1e-6
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_spawn_and_fork_launchers_hand_the_exported_module_back(
+    runs: dict[str, Any], tmp_path: Path, start_method: str
+) -> None:
+    result = _run(tmp_path, start_method, "--devices", "2", "--start-method", start_method)
+    expected = runs["w1"]["exported"]
+    assert (
+        max(float((expected[k].double() - result["exported"][k].double()).abs().max()) for k in expected)
+        <= 1e-6
+    )
+
+
 def test_a_peer_that_dies_mid_exchange_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
     result = _run(tmp_path, "dies", "--devices", "2", "--die", "--timeout", "20", expect_failure=True)
     assert "another process died or did not answer" in result["error"]
