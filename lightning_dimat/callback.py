@@ -10,10 +10,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from lightning_dimat.communication import CommunicationLedger, receivers_of, state_bytes
 from lightning_dimat.merge import (
     MERGE_METHODS,
     first_input,
     load_state_in_place,
+    model_inputs,
     recompute_batchnorm,
     weighted_state,
 )
@@ -35,7 +37,9 @@ class MergeCallback(Callback):
 
     Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the neighbour states each
     agent receives, summed over local agents), ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
-    ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters).
+    ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters), and the
+    cumulative communication counts of :class:`~lightning_dimat.communication.CommunicationLedger`
+    (``comm/rounds``, ``comm/bytes_sent``, ``comm/messages_sent``, ``comm/forward_samples``).
 
     Args:
         every_n_epochs: merge after epochs e (0-based) with ``(e + 1) % every_n_epochs == 0``.
@@ -47,6 +51,9 @@ class MergeCallback(Callback):
         recompute_batchnorm: re-estimate BatchNorm statistics after each merge.
         spec: a hand-written :class:`~lightning_dimat.permutation.PermutationSpec` (default: derived from the
             model by ``torch.fx`` tracing, or taken from the model's own ``permutation_spec`` method).
+        optimizer_state: ``"keep"`` each agent's optimizer state (momentum, Adam moments) across a merge —
+            valid because an agent keeps its own basis (P_ii = I) — or ``"reset"`` it after every merge, as
+            the official DIMAT code does by re-creating its optimizer each round.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -63,6 +70,7 @@ class MergeCallback(Callback):
         num_batches: int = 10,
         recompute_batchnorm: bool = True,
         spec: PermutationSpec | None = None,
+        optimizer_state: str = "keep",
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}.")
@@ -70,7 +78,11 @@ class MergeCallback(Callback):
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}.")
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}.")
+        if optimizer_state not in ("keep", "reset"):
+            raise ValueError(f"optimizer_state must be 'keep' or 'reset', got {optimizer_state!r}.")
         MERGE_METHODS.get(method)
+        self.optimizer_state = optimizer_state
+        self.ledger = CommunicationLedger()
         self.every_n_epochs = every_n_epochs
         self.method = method
         self.start_epoch = start_epoch
@@ -115,7 +127,7 @@ class MergeCallback(Callback):
         swarm, topology = strategy.swarm, strategy.topology
         method = MERGE_METHODS.get(self.method)
         started = time.perf_counter()
-        states = {agent_id: _detached(agent.state_dict()) for agent_id, agent in swarm.items()}
+        states = {agent_id: detached_state(agent.state_dict()) for agent_id, agent in swarm.items()}
         parameter_names = [name for name, _ in swarm.agent(swarm.agent_ids[0]).named_parameters()]
         distance_before = consensus_distance(states, parameter_names, strategy)
         # Neighbours held by other processes: only their weights cross the wire (matching stays local).
@@ -130,6 +142,8 @@ class MergeCallback(Callback):
             order = [agent_id, *sorted(j for j in weights if j != agent_id)]
             received_bytes += sum(state_bytes(states[j]) for j in order[1:])
             data = list(strategy.local_batches(agent_id, self.num_batches)) if method.requires_data else None
+            if data is not None:
+                self.ledger.record_forward(agent_id, len(order) * _num_samples(data))
             with strategy.swarm.streams.activate(agent_id):
                 aligned = method(
                     agent,
@@ -142,12 +156,18 @@ class MergeCallback(Callback):
         for agent_id, agent in swarm.items():
             load_state_in_place(agent, merged[agent_id])
             if self.recompute_batchnorm:
+                batches = list(strategy.local_batches(agent_id, self.num_batches))
+                self.ledger.record_forward(agent_id, _num_samples(batches))
                 with strategy.swarm.streams.activate(agent_id):
                     recompute_batchnorm(
-                        agent,
-                        strategy.local_batches(agent_id, self.num_batches),
-                        forward_context=trainer.precision_plugin.forward_context,
+                        agent, batches, forward_context=trainer.precision_plugin.forward_context
                     )
+        if self.optimizer_state == "reset":
+            for optimizer in swarm.swarm_optimizer.optimizers.values():
+                optimizer.state.clear()
+        self.ledger.record_exchange(
+            receivers_of(topology, swarm.agent_ids), state_bytes(states[swarm.agent_ids[0]])
+        )
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
         metrics = {
@@ -162,29 +182,46 @@ class MergeCallback(Callback):
             "merge/spectral_gap": topology.spectral_gap,
             "merge/consensus_distance_before": distance_before,
             "merge/consensus_distance_after": consensus_distance(
-                {agent_id: _detached(agent.state_dict()) for agent_id, agent in swarm.items()},
+                {agent_id: detached_state(agent.state_dict()) for agent_id, agent in swarm.items()},
                 parameter_names,
                 strategy,
             ),
         }
+        metrics.update(communication_metrics(self.ledger, strategy))
         for name, value in metrics.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "merged_epochs": list(self.merged_epochs)}
+        return {
+            "round": self.round,
+            "merged_epochs": list(self.merged_epochs),
+            "ledger": self.ledger.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = int(state_dict["round"])
         self.merged_epochs = list(state_dict["merged_epochs"])
+        self.ledger.load_state_dict(state_dict.get("ledger", {}))
 
 
-def _detached(state: Mapping[str, Tensor]) -> StateDict:
+def communication_metrics(ledger: CommunicationLedger, strategy: DIMATStrategy) -> dict[str, float]:
+    """The ledger's totals, summed over processes (rounds: the same in every process)."""
+    totals = ledger.totals()
+    if strategy.world_size > 1:
+        device = strategy.root_device
+        for name in ("comm/bytes_sent", "comm/messages_sent", "comm/forward_samples"):
+            value = torch.tensor(totals[name], dtype=torch.float64, device=device)
+            totals[name] = float(strategy.reduce(value, reduce_op="sum"))
+    return totals
+
+
+def _num_samples(batches: list[Any]) -> int:
+    return sum(x.shape[0] if isinstance(x, Tensor) else len(x) for x in model_inputs(batches))
+
+
+def detached_state(state: Mapping[str, Tensor]) -> StateDict:
+    """A copy of ``state`` detached from autograd (safe to keep while training goes on)."""
     return {key: value.detach().clone() for key, value in state.items()}
-
-
-def state_bytes(state: Mapping[str, Tensor]) -> int:
-    """Bytes needed to send ``state`` (every tensor at its own dtype)."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
 
 
 def consensus_distance(

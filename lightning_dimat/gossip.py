@@ -1,0 +1,239 @@
+"""Per-step gossip baselines on DIMAT's machinery: ``CDSGDCallback`` and ``SGPCallback``.
+
+Both run with the same agents, shards and local optimizers as DIMAT (``Trainer(strategy=DIMATStrategy(...))``)
+and exchange with neighbours after every optimizer step instead of every few epochs:
+
+- **CDSGD** (consensus-based distributed SGD, Jiang et al. 2017): the gradient is taken at x_i, then
+  x_i ← Σ_j π_ij x_j − α g_i. The callback mixes the weights after the backward pass and before the agent's
+  optimizer applies its gradient (with plain SGD this is exactly CDSGD; with momentum or Adam it is the same
+  combine-then-adapt step with that local optimizer).
+- **SGP** (stochastic gradient push, Assran et al. 2019): push-sum on a column-stochastic matrix P. Each
+  agent keeps a numerator z_i and a weight w_i; the model holds the de-biased x_i = z_i / w_i. After the
+  local step (z_i += x_i' − x_i), z and w are pushed: z_i ← Σ_j p_ij z_j, w_i ← Σ_j p_ij w_j. On a symmetric
+  doubly stochastic Π the weights stay 1 and SGP is D-PSGD: x_i ← Σ_j π_ij (x_j − α g_j).
+
+Every floating entry of the state dict is mixed (weights and BatchNorm running statistics); integer entries
+(``num_batches_tracked``) stay the agent's own. Communication is counted per step in a
+:class:`~lightning_dimat.communication.CommunicationLedger` and logged at each epoch end as ``comm/*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lightning_dimat.callback import communication_metrics, detached_state
+from lightning_dimat.communication import CommunicationLedger, receivers_of, state_bytes
+from lightning_dimat.merge import load_state_in_place, weighted_state
+from lightning_dimat.strategy import DIMATStrategy
+
+StateDict = dict[str, Tensor]
+PUSH_SUM_WEIGHT = "__push_sum_weight__"
+
+
+class _GossipCallback(Callback):
+    """Shared plumbing: the strategy, the agents' states, the ledger and its logging."""
+
+    def __init__(self) -> None:
+        self.ledger = CommunicationLedger()
+        self.steps = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy, DIMATStrategy):
+            raise ValueError(
+                f"{type(self).__name__} needs Trainer(strategy=DIMATStrategy(...)), "
+                f"got {type(trainer.strategy).__name__}."
+            )
+
+    @staticmethod
+    def _strategy(trainer: Trainer) -> DIMATStrategy:
+        strategy = trainer.strategy
+        assert isinstance(strategy, DIMATStrategy) and strategy.swarm is not None
+        return strategy
+
+    @staticmethod
+    def _states(strategy: DIMATStrategy) -> dict[int, StateDict]:
+        assert strategy.swarm is not None
+        return {agent_id: detached_state(agent.state_dict()) for agent_id, agent in strategy.swarm.items()}
+
+    def _with_remote(self, strategy: DIMATStrategy, states: dict[int, StateDict]) -> dict[int, StateDict]:
+        remote, _ = strategy.exchange(states)
+        device = strategy.root_device
+        return {**states, **{j: {k: v.to(device) for k, v in s.items()} for j, s in remote.items()}}
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = communication_metrics(self.ledger, self._strategy(trainer))
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = int(state_dict["steps"])
+        self.ledger.load_state_dict(state_dict["ledger"])
+
+
+class CDSGDCallback(_GossipCallback):
+    """CDSGD: every optimizer step, x_i ← Σ_j π_ij x_j − α g_i with g_i the gradient at the old x_i.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_dimat import DIMATStrategy
+        >>> trainer = Trainer(strategy=DIMATStrategy(topology="ring"), callbacks=[CDSGDCallback()])  # doctest: +SKIP
+    """
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        strategy = self._strategy(trainer)
+        assert strategy.swarm is not None
+        local = self._states(strategy)
+        states = self._with_remote(strategy, local)
+        topology = strategy.topology
+        for agent_id, agent in strategy.swarm.items():
+            weights = topology.weights(agent_id)
+            order = [agent_id, *sorted(j for j in weights if j != agent_id)]
+            load_state_in_place(
+                agent, weighted_state([states[j] for j in order], [weights[j] for j in order])
+            )
+        self.steps += 1
+        self.ledger.record_exchange(
+            receivers_of(topology, strategy.swarm.agent_ids), state_bytes(local[strategy.swarm.agent_ids[0]])
+        )
+
+
+class SGPCallback(_GossipCallback):
+    """Stochastic gradient push: push-sum gossip after every optimizer step.
+
+    Args:
+        mixing: a column-stochastic N × N matrix P (``P[i][j]``: the share agent j pushes to agent i; a
+            directed graph is fine) — or None for the strategy's topology Π (symmetric doubly stochastic,
+            where SGP is D-PSGD). An explicit matrix needs all agents in one process.
+
+    Examples:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_dimat import DIMATStrategy
+        >>> directed_ring = [[0.5, 0, 0.5], [0.5, 0.5, 0], [0, 0.5, 0.5]]
+        >>> trainer = Trainer(strategy=DIMATStrategy(num_agents=3), callbacks=[SGPCallback(directed_ring)])  # doctest: +SKIP
+    """
+
+    def __init__(self, mixing: Sequence[Sequence[float]] | None = None) -> None:
+        super().__init__()
+        self.mixing = None if mixing is None else column_stochastic(mixing)
+        self.numerators: dict[int, StateDict] = {}
+        self.push_weights: dict[int, float] = {}
+        self._seen_steps = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        strategy = trainer.strategy
+        assert isinstance(strategy, DIMATStrategy)
+        if self.mixing is None:
+            return
+        if len(self.mixing) != strategy.num_agents:
+            raise ValueError(
+                f"SGPCallback's mixing matrix is {len(self.mixing)} × {len(self.mixing)} but the strategy has "
+                f"num_agents={strategy.num_agents}; give one row and column per agent."
+            )
+        if strategy.world_size > 1:
+            raise ValueError(
+                "SGPCallback(mixing=...) with an explicit (possibly directed) matrix needs all agents in one "
+                f"process, but the run has {strategy.world_size} processes; use devices=1, or mixing=None "
+                "to push on the strategy's topology."
+            )
+
+    def _push_matrix(self, strategy: DIMATStrategy) -> np.ndarray:
+        return strategy.topology.mixing if self.mixing is None else self.mixing
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = self._strategy(trainer)
+        self._seen_steps = _optimizer_steps(strategy)
+        if not self.numerators:  # fresh run (a resumed one has them from the checkpoint)
+            self.numerators = self._states(strategy)
+            self.push_weights = dict.fromkeys(self.numerators, 1.0)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        strategy = self._strategy(trainer)
+        assert strategy.swarm is not None
+        steps = _optimizer_steps(strategy)
+        if steps == self._seen_steps:  # no optimizer step on this batch (gradient accumulation)
+            return
+        self._seen_steps = steps
+        mixing = self._push_matrix(strategy)
+        # z_i ← z_i + (x_i' − x_i): the local step, applied to the numerator (x_i = z_i / w_i before it).
+        half: dict[int, StateDict] = {}
+        for agent_id, state in self._states(strategy).items():
+            numerator, weight = self.numerators[agent_id], self.push_weights[agent_id]
+            half[agent_id] = {
+                key: (numerator[key] + value - numerator[key] / weight)
+                if value.is_floating_point()
+                else value
+                for key, value in state.items()
+            }
+            half[agent_id][PUSH_SUM_WEIGHT] = torch.tensor(
+                weight, dtype=torch.float64, device=state_device(state)
+            )
+        pushed = self._with_remote(strategy, half)
+        for agent_id, agent in strategy.swarm.items():
+            senders = [agent_id, *(int(j) for j in np.flatnonzero(mixing[agent_id]) if j != agent_id)]
+            shares = [float(mixing[agent_id, j]) for j in senders]
+            mixed = weighted_state([pushed[j] for j in senders], shares)
+            weight = float(mixed.pop(PUSH_SUM_WEIGHT))
+            self.numerators[agent_id], self.push_weights[agent_id] = mixed, weight
+            load_state_in_place(
+                agent, {k: v / weight if v.is_floating_point() else v for k, v in mixed.items()}
+            )
+        self.steps += 1
+        size = state_bytes(half[strategy.swarm.agent_ids[0]])
+        receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in half}
+        self.ledger.record_exchange(receivers, size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "numerators": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.numerators.items()},
+            "push_weights": dict(self.push_weights),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.numerators = {int(k): dict(v) for k, v in state_dict["numerators"].items()}
+        self.push_weights = {int(k): float(v) for k, v in state_dict["push_weights"].items()}
+
+
+def column_stochastic(mixing: Sequence[Sequence[float]], atol: float = 1e-6) -> np.ndarray:
+    """Checks that ``mixing`` is a square, non-negative, column-stochastic matrix; returns it as float64.
+
+    Examples:
+        >>> column_stochastic([[0.5, 1.0], [0.5, 0.0]]).sum(axis=0)
+        array([1., 1.])
+    """
+    array = np.asarray(mixing, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or len(array) < 2:
+        raise ValueError(f"The push-sum matrix must be square N × N with N >= 2, got shape {array.shape}.")
+    if not np.isfinite(array).all() or (array < 0).any():
+        i, j = np.argwhere(~np.isfinite(array) | (array < 0))[0]
+        raise ValueError(f"Push-sum shares must be finite and >= 0, but entry ({i}, {j}) = {array[i, j]}.")
+    sums = array.sum(axis=0)
+    worst = int(np.argmax(np.abs(sums - 1)))
+    if abs(sums[worst] - 1) > atol:
+        raise ValueError(
+            f"The push-sum matrix must be column-stochastic (what agent j pushes sums to 1), but column "
+            f"{worst} sums to {sums[worst]:.6g}; divide each column by its sum."
+        )
+    return array
+
+
+def state_device(state: StateDict) -> torch.device:
+    return next(iter(state.values())).device
+
+
+def _optimizer_steps(strategy: DIMATStrategy) -> int:
+    assert strategy.swarm is not None
+    return sum(strategy.swarm.swarm_optimizer.steps.values())
