@@ -142,7 +142,7 @@ class MergeCallback(Callback):
             order = [agent_id, *sorted(j for j in weights if j != agent_id)]
             received_bytes += sum(state_bytes(states[j]) for j in order[1:])
             data = list(strategy.local_batches(agent_id, self.num_batches)) if method.requires_data else None
-            if data is not None:
+            if data is not None and getattr(method, "runs_neighbours", False):
                 self.ledger.record_forward(agent_id, len(order) * _num_samples(data))
             with strategy.swarm.streams.activate(agent_id):
                 aligned = method(

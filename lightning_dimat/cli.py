@@ -3,10 +3,12 @@ every registry name resolve) and an optional test run right after ``fit``.
 
 Examples:
     lightning-dimat fit --config configs/quickstart.yaml
+    lightning-dimat experiment configs/cpu/grid.yaml --jobs 2
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -45,7 +47,13 @@ def build_cli(args: Any = None, run: bool = True) -> DIMATCLI:
 
 
 def main(args: Any = None) -> None:
-    """Entry point of the ``lightning-dimat`` console script."""
+    """Entry point of the ``lightning-dimat`` console script (``experiment`` runs an experiment grid)."""
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "experiment":
+        from lightning_dimat.experiment import main as experiment_main
+
+        experiment_main(argv[1:])
+        return
     build_cli(args)
 
 

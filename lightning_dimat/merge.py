@@ -68,17 +68,24 @@ MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 def register_merge_method(
-    name: str, *aliases: str, requires_data: bool, uses_spec: bool = False
+    name: str,
+    *aliases: str,
+    requires_data: bool,
+    uses_spec: bool = False,
+    runs_neighbours: bool = False,
 ) -> Callable[[Any], Any]:
     """Registers a merge method (see :class:`MergeMethod`) under ``name`` for configs to refer to.
 
     ``uses_spec`` marks methods that need the model's permutation spec (derived and checked before
     training starts, so that an unsupported model fails at once rather than at the first merge).
+    ``runs_neighbours`` marks methods that run the agent's data through its own and every neighbour's model
+    (counted as extra forward passes in the communication ledger).
     """
 
     def decorator(function: Any) -> Any:
         function.requires_data = requires_data
         function.uses_spec = uses_spec
+        function.runs_neighbours = runs_neighbours
         MERGE_METHODS.add(name, function, *aliases)
         return function
 
@@ -93,7 +100,7 @@ def average_alignment(
     return [dict(state) for state in states]
 
 
-@register_merge_method("activation", "am", "dimat", requires_data=True, uses_spec=True)
+@register_merge_method("activation", "am", "dimat", requires_data=True, uses_spec=True, runs_neighbours=True)
 def activation_alignment(
     reference: nn.Module,
     states: Sequence[Mapping[str, Tensor]],

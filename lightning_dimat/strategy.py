@@ -9,6 +9,7 @@ import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -63,6 +64,10 @@ class DIMATStrategy(DDPStrategy):
         export: after ``fit``, what is loaded into your module: an agent id, ``"consensus"`` (all agents
             merged into agent 0's basis with equal weights by the merge callback's method, BatchNorm
             re-estimated on every agent's data) or ``"none"``.
+        init_from: a checkpoint written by a DIMAT run with the same ``num_agents``: when fitting, agent g
+            starts from that run's agent g weights (after ``agent_init``), while optimizers, epochs and random
+            streams start fresh — how several methods start from the same pre-trained agents. (To *resume*
+            a run, pass ``ckpt_path`` to ``fit`` instead.)
         random_streams: global generators each agent gets its own stream of, so its randomness does not
             depend on the other agents: ``"torch"`` (dropout, torchvision transforms; always), plus
             ``"numpy"`` and/or ``"python"`` if your module or main-process data pipeline draws from
@@ -88,6 +93,7 @@ class DIMATStrategy(DDPStrategy):
         seed: int = 0,
         export: Export = "consensus",
         random_streams: Sequence[str] = ("torch",),
+        init_from: str | None = None,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -129,6 +135,12 @@ class DIMATStrategy(DDPStrategy):
                 "random_streams must include 'torch' and may add 'numpy' and 'python', "
                 f"got {random_streams!r}."
             )
+        if init_from is not None and not Path(init_from).is_file():
+            raise FileNotFoundError(
+                f"init_from={init_from!r} is not a file; give the path of a checkpoint written by a DIMAT run "
+                "(e.g. trainer.save_checkpoint(path) after pre-training)."
+            )
+        self.init_from = init_from
         self.swarm: AgentSwarm | None = None
         self._user_module: LightningModule | None = None
         self._clip_val: float | None = None
@@ -300,7 +312,7 @@ class DIMATStrategy(DDPStrategy):
         streams = AgentRandomStreams(self.seed, agent_ids, self.root_device, self.random_streams)
         self._user_module = model
         swarm = swarm_class_for(model)(agents, streams, self.num_agents, self.world_size)
-        if self.agent_init == "reinit" and trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and (self.agent_init == "reinit" or self.init_from):
             # Runs after the agents' setup/configure_model hooks and before a checkpoint is restored.
             swarm.pending_initialisation = functools.partial(self._initialise_agents, swarm)
         return swarm
@@ -320,7 +332,23 @@ class DIMATStrategy(DDPStrategy):
         trainer._accelerator_connector.use_distributed_sampler = False
 
     def _initialise_agents(self, swarm: AgentSwarm) -> None:
-        """Gives agent g fresh parameters from seed (seed, g) (``agent_init="reinit"``)."""
+        """Fresh parameters from seed (seed, g) for ``agent_init="reinit"``, then the ``init_from`` weights."""
+        if self.agent_init == "reinit":
+            self._reinitialise_agents(swarm)
+        if self.init_from is None:
+            return
+        checkpoint = torch.load(self.init_from, map_location="cpu", weights_only=False)
+        saved = checkpoint.get("dimat", {}).get("num_agents")
+        if saved != self.num_agents:
+            raise ValueError(
+                f"init_from={self.init_from!r} holds {saved} DIMAT agents but this run has "
+                f"num_agents={self.num_agents}; pre-train with the same number of agents."
+            )
+        prefixes = tuple(f"agents.{agent_id}." for agent_id in swarm.agent_ids)
+        state = {key: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefixes)}
+        swarm.load_state_dict(state, strict=True)
+
+    def _reinitialise_agents(self, swarm: AgentSwarm) -> None:
         for agent_id, agent in swarm.items():
             with seeded(agent_seed(self.seed, agent_id, 0), self.root_device), torch.no_grad():
                 for module in agent.modules():

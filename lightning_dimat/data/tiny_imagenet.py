@@ -195,6 +195,8 @@ class TinyImageNet(Dataset):
         split: ``"train"`` (``train/<wnid>/images``) or ``"val"`` (``val/images``, the usual test set).
         transform: applied to each RGB PIL image (grayscale images are converted to RGB).
         classes: keep only the first ``classes`` class ids of ``wnids.txt`` (None: all).
+        per_class: keep only the first ``per_class`` images of each class, by file name (train split only;
+            None: all) — for CPU-scale runs.
 
     Examples:
         >>> data = TinyImageNet("../shared/data/tiny-imagenet-20.zip", "val")  # doctest: +SKIP
@@ -212,9 +214,16 @@ class TinyImageNet(Dataset):
         split: Literal["train", "val"] = "train",
         transform: Callable[[Image.Image], Any] | None = None,
         classes: int | None = None,
+        per_class: int | None = None,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
+        if per_class is not None and (isinstance(per_class, bool) or per_class < 1 or split != "train"):
+            raise ValueError(
+                f"per_class must be None or an integer >= 1 and applies to the train split only, got "
+                f"per_class={per_class!r} with split={split!r}."
+            )
+        self.per_class = per_class
         self.tree = _Tree(root)
         self.split = split
         self.transform = transform
@@ -230,7 +239,7 @@ class TinyImageNet(Dataset):
     def _find_train(self) -> None:
         for label, wnid in enumerate(self.classes):
             folder = f"train/{wnid}/images"
-            names = [name for name in self.tree.files(folder) if _is_jpeg(name)]
+            names = sorted(name for name in self.tree.files(folder) if _is_jpeg(name))[: self.per_class]
             if not names:
                 raise FileNotFoundError(
                     f"No training images for class {wnid}: '{self.tree.where(folder)}/*.JPEG'."
@@ -302,6 +311,8 @@ class TinyImageNetDataModule(SplitDataModule):
         val_fraction: if > 0, a stratified hold-out of this share of the training set (seeded by ``seed``,
             without augmentation) is the validation set; if 0, validation uses the test split.
         seed: seed of the validation hold-out.
+        train_per_class: keep only the first ``train_per_class`` training images of each class (None: all
+            500) — a smaller training set for CPU-scale runs; the test set is never cut.
 
     Examples:
         >>> zip_path = "../shared/data/tiny-imagenet-20.zip"
@@ -321,9 +332,14 @@ class TinyImageNetDataModule(SplitDataModule):
         classes: int | None = None,
         val_fraction: float = 0.0,
         seed: int = 0,
+        train_per_class: int | None = None,
     ) -> None:
         super().__init__()
         check_fraction(val_fraction)
+        if train_per_class is not None and (isinstance(train_per_class, bool) or train_per_class < 1):
+            raise ValueError(
+                f"train_per_class must be None (all) or an integer >= 1, got {train_per_class!r}."
+            )
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}.")
         if classes is not None and (isinstance(classes, bool) or classes < 1):
@@ -336,6 +352,7 @@ class TinyImageNetDataModule(SplitDataModule):
         self.classes = classes
         self.val_fraction = val_fraction
         self.seed = seed
+        self.train_per_class = train_per_class
         self._num_classes: int | None = None
 
     @property
@@ -368,7 +385,9 @@ class TinyImageNetDataModule(SplitDataModule):
         """Indexes both splits (labels only; images are read per item) and builds the three sets."""
         if hasattr(self, "train_set"):
             return
-        train = TinyImageNet(self.data_dir, "train", self.train_transform(), self.classes)
+        train = TinyImageNet(
+            self.data_dir, "train", self.train_transform(), self.classes, self.train_per_class
+        )
         test = TinyImageNet(self.data_dir, "val", self.eval_transform(), self.classes)
         self._num_classes = len(train.classes)
         self.assign_splits(

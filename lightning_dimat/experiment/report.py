@@ -1,0 +1,167 @@
+"""Tables (Markdown and CSV, mean ± std over seeds) and plots (accuracy against iterations and communication)."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lightning_dimat.experiment.spec import Cell, Experiment
+
+Results = list[dict[str, Any]]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _by_group(experiment: Experiment, results: Results) -> dict[tuple[int, str, str], dict[str, Results]]:
+    groups: dict[tuple[int, str, str], dict[str, Results]] = defaultdict(lambda: defaultdict(list))
+    for result in results:
+        cell = Cell(**result["cell"])
+        groups[cell.group][cell.method].append(result)
+    return groups
+
+
+def accuracy_table(experiment: Experiment, results: Results) -> tuple[list[str], list[list[str]]]:
+    """Rows (agents, topology, partition) × method columns of final mean-agent test accuracy, in %."""
+    methods = [name for name in experiment.methods if any(r["cell"]["method"] == name for r in results)]
+    header = ["agents", "topology", "data", *(experiment.methods[m].label for m in methods)]
+    rows = []
+    for (num_agents, topology, partition), by_method in sorted(_by_group(experiment, results).items()):
+        row = [str(num_agents), topology, partition]
+        for method in methods:
+            runs = by_method.get(method, [])
+            if runs:
+                mean, std = _mean_std([100 * r["test_acc"] for r in runs])
+                row.append(f"{mean:.2f} ± {std:.2f} (n={len(runs)})")
+            else:
+                row.append("—")
+        rows.append(row)
+    return header, rows
+
+
+def communication_table(experiment: Experiment, results: Results) -> tuple[list[str], list[list[str]]]:
+    """Per method and topology, per agent over the whole run: rounds, MB sent, extra forward samples."""
+    header = ["method", "agents", "topology", "rounds / agent", "MB sent / agent", "extra forwards / agent"]
+    seen: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for result in results:
+        cell = Cell(**result["cell"])
+        if result["history"]:
+            seen.setdefault((cell.method, cell.num_agents, cell.topology), result["history"][-1])
+    rows = []
+    for (method, num_agents, topology), last in sorted(seen.items()):
+        rows.append(
+            [
+                experiment.methods[method].label,
+                str(num_agents),
+                topology,
+                f"{last.get('comm/rounds', 0):.0f}",
+                f"{last.get('comm/bytes_sent', 0) / num_agents / 1e6:.1f}",
+                f"{last.get('comm/forward_samples', 0) / num_agents:.0f}",
+            ]
+        )
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def curves(result: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """(iteration, communication rounds, mean-agent accuracy), from the pre-trained point on."""
+    points = [(0.0, 0.0, p["val_acc"]) for p in result.get("pretrained", [])[-1:]]
+    points += [(p["iteration"], p.get("comm/rounds", 0.0), p["val_acc"]) for p in result["history"]]
+    return points
+
+
+def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> None:
+    """One panel per (agents, topology, partition): every method's mean over seeds against ``x_axis``
+    (``"iteration"`` or ``"rounds"``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(_by_group(experiment, results).items())
+    columns = min(4, len(groups))
+    rows = (len(groups) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    for axis, ((num_agents, topology, partition), by_method) in zip(axes.flat, groups, strict=False):
+        for method, runs in by_method.items():
+            series = [curves(run) for run in runs]
+            length = min(len(s) for s in series)
+            xs = [
+                statistics.fmean(s[i][0 if x_axis == "iteration" else 1] for s in series)
+                for i in range(length)
+            ]
+            ys = [100 * statistics.fmean(s[i][2] for s in series) for i in range(length)]
+            axis.plot(xs, ys, marker=".", label=experiment.methods[method].label)
+        axis.set_title(f"{topology}, {partition}, {num_agents} agents", fontsize=10)
+        axis.set_xlabel("iteration" if x_axis == "iteration" else "communication rounds per agent")
+        if x_axis == "rounds":
+            axis.set_xscale("symlog", linthresh=1)
+        axis.set_ylabel("mean-agent test accuracy (%)")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(groups) :]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
+    """Writes results.md, results.csv, accuracy_vs_iteration.png and accuracy_vs_rounds.png; returns paths."""
+    out = experiment.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = accuracy_table(experiment, results)
+    comm_header, comm_rows = communication_table(experiment, results)
+    paths = {
+        "markdown": out / "results.md",
+        "csv": out / "results.csv",
+        "iteration_plot": out / "accuracy_vs_iteration.png",
+        "rounds_plot": out / "accuracy_vs_rounds.png",
+    }
+    paths["markdown"].write_text(
+        f"# {experiment.name}\n\nFinal mean-agent test accuracy (%), mean ± std over seeds\n\n"
+        + markdown(header, rows)
+        + "\nCommunication per agent over the whole run (after pre-training)\n\n"
+        + markdown(comm_header, comm_rows)
+    )
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "method",
+                "agents",
+                "topology",
+                "partition",
+                "seed",
+                "test_acc",
+                "rounds",
+                "bytes_sent",
+                "forward_samples",
+            ]
+        )
+        for result in results:
+            cell, last = result["cell"], (result["history"] or [{}])[-1]
+            writer.writerow(
+                [
+                    cell["method"],
+                    cell["num_agents"],
+                    cell["topology"],
+                    cell["partition"],
+                    cell["seed"],
+                    result["test_acc"],
+                    last.get("comm/rounds", 0),
+                    last.get("comm/bytes_sent", 0),
+                    last.get("comm/forward_samples", 0),
+                ]
+            )
+    plot(experiment, results, paths["iteration_plot"], "iteration")
+    plot(experiment, results, paths["rounds_plot"], "rounds")
+    return paths

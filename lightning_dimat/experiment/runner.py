@@ -1,0 +1,146 @@
+"""Runs an experiment's cells: shared local pre-training first, then every method, each cached by config hash."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
+
+
+class History(Callback):
+    """Records, after each validation, the mean and per-agent ``metric`` and the communication so far."""
+
+    def __init__(self, metric: str = "val_acc", epochs_per_point: int = 1) -> None:
+        self.metric = metric
+        self.epochs_per_point = epochs_per_point
+        self.points: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if self.metric not in metrics:
+            return
+        epoch = trainer.current_epoch + 1
+        agents = sorted(int(k.split("/")[0][6:]) for k in metrics if k.endswith(f"/{self.metric}"))
+        point: dict[str, Any] = {
+            "epoch": epoch,
+            "iteration": epoch / self.epochs_per_point,
+            self.metric: float(metrics[self.metric]),
+            "agents": [float(metrics[f"agent_{g}/{self.metric}"]) for g in agents],
+        }
+        for callback in trainer.callbacks:
+            ledger = getattr(callback, "ledger", None)
+            if ledger is not None:
+                point.update(ledger.totals())
+        self.points.append(point)
+
+
+def run_experiment(experiment: Experiment, jobs: int = 1) -> list[dict[str, Any]]:
+    """Runs every missing pre-training and cell (``jobs`` at a time) and returns all cells' results."""
+    pretrain_cells = {_pretrain_key(experiment, cell): cell for cell in experiment.cells}
+    _run_all(experiment, [("pretrain", cell) for cell in pretrain_cells.values()], jobs)
+    _run_all(experiment, [("cell", cell) for cell in experiment.cells], jobs)
+    return [_read(cell_dir(experiment, cell) / "result.json") for cell in experiment.cells]
+
+
+def _run_all(experiment: Experiment, tasks: list[tuple[str, Cell]], jobs: int) -> None:
+    todo = [
+        (kind, cell) for kind, cell in tasks if not (_dir(experiment, kind, cell) / "result.json").is_file()
+    ]
+    for kind, cell in tasks:
+        if (kind, cell) not in todo:
+            print(f"[{experiment.name}] cached {kind}: {_dir(experiment, kind, cell)}", flush=True)
+    if jobs <= 1 or len(todo) <= 1:
+        for kind, cell in todo:
+            run_task(experiment, kind, cell)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(
+        jobs, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
+    ) as pool:
+        for future in [pool.submit(run_task, experiment, kind, cell) for kind, cell in todo]:
+            future.result()
+
+
+def _limit_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
+    """Runs one pre-training (``kind="pretrain"``) or one cell and writes its ``result.json``."""
+    from lightning_dimat.cli import build_cli  # a spawned worker imports the CLI itself
+
+    folder = _dir(experiment, kind, cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "pretrain":
+        config = experiment.pretrain_config(cell)
+    else:
+        pretrained = pretrain_dir(experiment, cell) / "agents.ckpt"
+        config = experiment.cell_config(cell, str(pretrained) if experiment.pretrain_epochs else None)
+    print(f"[{experiment.name}] running {kind}: {folder}", flush=True)
+    started = time.perf_counter()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads only `config`, not this command's arguments
+    try:
+        cli = build_cli(args=copy.deepcopy(config), run=False)
+    finally:
+        sys.argv = argv
+    epochs_per_point = experiment.epochs_per_merge if kind == "cell" else max(1, experiment.pretrain_epochs)
+    history = History("val_acc", epochs_per_point)
+    cli.trainer.callbacks.append(history)
+    result: dict[str, Any] = {"kind": kind, "cell": cell.__dict__, "config": config}
+    if kind == "pretrain" and experiment.pretrain_epochs == 0:
+        result["history"] = []
+    else:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        result["history"] = history.points
+    if kind == "pretrain":
+        cli.trainer.save_checkpoint(folder / "agents.ckpt") if experiment.pretrain_epochs else None
+    else:
+        tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        result["test_acc"] = float(tested["test_acc"])
+        result["agents_test_acc"] = [
+            float(tested[k]) for k in sorted(tested, key=_agent_order) if k.endswith("/test_acc")
+        ]
+        result["pretrained"] = _read(pretrain_dir(experiment, cell) / "result.json")["history"]
+    result["wall_s"] = time.perf_counter() - started
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return folder
+
+
+def _agent_order(key: str) -> int:
+    return int(key.split("/")[0][6:]) if key.startswith("agent_") else -1
+
+
+def _pretrain_key(experiment: Experiment, cell: Cell) -> str:
+    return config_hash(experiment.pretrain_config(cell))
+
+
+def pretrain_dir(experiment: Experiment, cell: Cell) -> Path:
+    """Where the pre-trained agents of ``cell`` (shared by all its methods and topologies) are kept."""
+    name = f"{cell.partition}-n{cell.num_agents}-s{cell.seed}-{_pretrain_key(experiment, cell)}"
+    return experiment.output_dir / "pretrain" / name
+
+
+def cell_dir(experiment: Experiment, cell: Cell) -> Path:
+    """Where ``cell``'s result is kept; the name ends with the hash of its full config."""
+    key = config_hash(experiment.cell_config(cell, str(pretrain_dir(experiment, cell))))
+    name = f"{cell.method}-{cell.topology}-{cell.partition}-n{cell.num_agents}-s{cell.seed}-{key}"
+    return experiment.output_dir / "cells" / name
+
+
+def _dir(experiment: Experiment, kind: str, cell: Cell) -> Path:
+    return pretrain_dir(experiment, cell) if kind == "pretrain" else cell_dir(experiment, cell)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
