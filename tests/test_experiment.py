@@ -1,0 +1,165 @@
+"""The experiment runner on a 2-cell digits grid: shared pre-training, results, report, cache skip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_dimat.experiment import load_experiment, run_experiment, write_report
+from lightning_dimat.experiment import runner as runner_module
+from lightning_dimat.experiment.runner import cell_dir, pretrain_dir
+
+BASE = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_train_batches": 4,
+        "strategy": {"class_path": "lightning_dimat.DIMATStrategy", "init_args": {"num_agents": 3}},
+    },
+    "model": {
+        "class_path": "lightning_dimat.models.ImageClassifier",
+        "init_args": {"model": "mlp", "model_options": {"in_features": 64, "hidden": [16]}, "lr": 0.05},
+    },
+    "data": {"class_path": "lightning_dimat.data.DigitsDataModule", "init_args": {"batch_size": 16}},
+}
+
+GRID = {
+    "name": "tiny",
+    "base": "base.yaml",
+    "pretrain_epochs": 1,
+    "iterations": 2,
+    "epochs_per_merge": 1,
+    "methods": {
+        "wa": {
+            "label": "WA",
+            "callbacks": [
+                {"class_path": "lightning_dimat.MergeCallback", "init_args": {"method": "average"}}
+            ],
+        },
+        "cdsgd": {
+            "label": "CDSGD",
+            "model": {"optimizer": "sgd"},
+            "callbacks": [{"class_path": "lightning_dimat.gossip.CDSGDCallback"}],
+        },
+    },
+    "grids": [
+        {
+            "methods": ["wa", "cdsgd"],
+            "topologies": ["ring"],
+            "partitions": ["by_class"],
+            "seeds": [0],
+            "num_agents": [3],
+        }
+    ],
+}
+
+
+def write_experiment(folder: Path, **changes: object) -> Path:
+    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
+    grid = {**GRID, "output_dir": str(folder / "out"), **changes}
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_two_cell_grid_runs_reports_and_skips_finished_cells(
+    tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment = load_experiment(write_experiment(tmp_cwd))
+    assert [cell.method for cell in experiment.cells] == ["wa", "cdsgd"]
+    # Both methods share one pre-training: same (partition, seed, agents) → one folder.
+    assert pretrain_dir(experiment, experiment.cells[0]) == pretrain_dir(experiment, experiment.cells[1])
+
+    results = run_experiment(experiment)
+    pretrained = json.loads((pretrain_dir(experiment, experiment.cells[0]) / "result.json").read_text())
+    assert (
+        len(pretrained["history"]) == 1
+        and (pretrain_dir(experiment, experiment.cells[0]) / "agents.ckpt").is_file()
+    )
+    for result in results:
+        assert 0 <= result["test_acc"] <= 1 and len(result["agents_test_acc"]) == 3
+        assert [p["iteration"] for p in result["history"]] == [1.0, 2.0]
+        assert result["pretrained"] == pretrained["history"]
+    wa, cdsgd = results
+    assert wa["history"][-1]["comm/rounds"] == 2  # one merge per iteration
+    steps = cdsgd["history"][-1]["comm/rounds"]
+    assert steps == 2 * 4  # one gossip round per optimizer step: 4 batches × 2 epochs
+    assert cdsgd["config"]["model"]["init_args"]["optimizer"] == "sgd"
+
+    paths = write_report(experiment, results)
+    table = paths["markdown"].read_text()
+    assert "| 3 | ring | by_class |" in table and f"{100 * wa['test_acc']:.2f} ± 0.00 (n=1)" in table
+    assert paths["iteration_plot"].stat().st_size > 0 and paths["rounds_plot"].stat().st_size > 0
+    assert len(paths["csv"].read_text().splitlines()) == 3
+
+    # A second run finds every result by its config hash and trains nothing.
+    def fail(*args: object) -> None:
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(runner_module, "run_task", fail)
+    assert run_experiment(experiment) == results
+
+    # Changing a method's config changes its hash: only that cell is new.
+    changed = load_experiment(write_experiment(tmp_cwd, iterations=3))
+    assert cell_dir(changed, changed.cells[0]) != cell_dir(experiment, experiment.cells[0])
+
+
+def test_cells_start_from_the_shared_pretrained_agents(tmp_cwd: Path) -> None:
+    experiment = load_experiment(write_experiment(tmp_cwd, iterations=1))
+    cell = experiment.cells[0]
+    config = experiment.cell_config(cell, init_from="agents.ckpt")
+    strategy = config["trainer"]["strategy"]["init_args"]
+    assert strategy["init_from"] == "agents.ckpt" and strategy["topology"] == "ring"
+    assert config["trainer"]["max_epochs"] == 1
+    assert config["trainer"]["callbacks"][-1]["init_args"]["every_n_epochs"] == 1
+    assert experiment.pretrain_config(cell)["trainer"]["max_epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {
+                "grids": [
+                    {
+                        "methods": ["nope"],
+                        "topologies": ["ring"],
+                        "partitions": ["iid"],
+                        "seeds": [0],
+                        "num_agents": [3],
+                    }
+                ]
+            },
+            "methods \\['nope'\\] not defined",
+        ),
+        ({"grids": [{"methods": ["wa"], "topologies": ["ring"]}]}, "lacks \\(or has empty\\)"),
+        ({"iterations": 0}, "iterations must be an integer >= 1, got 0"),
+        (
+            {
+                "methods": {
+                    "wa": {
+                        "callbacks": [
+                            {
+                                "class_path": "lightning_dimat.MergeCallback",
+                                "init_args": {"every_n_epochs": 3},
+                            }
+                        ]
+                    }
+                }
+            },
+            "sets MergeCallback every_n_epochs=3",
+        ),
+        ({"methods": {"wa": {"callback": []}}}, "unknown keys \\['callback'\\]"),
+    ],
+)
+def test_bad_experiment_files_are_refused_with_the_offending_value(
+    tmp_cwd: Path, changes: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_experiment(write_experiment(tmp_cwd, **changes))
