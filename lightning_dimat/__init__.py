@@ -8,6 +8,8 @@ Examples:
 """
 
 from lightning_dimat.callback import MergeCallback
+from lightning_dimat.communication import CommunicationLedger
+from lightning_dimat.gossip import CDSGDCallback, SGPCallback
 from lightning_dimat.merge import MERGE_METHODS, align, merge, recompute_batchnorm, register_merge_method
 from lightning_dimat.partition import PARTITIONS, partition, register_partition
 from lightning_dimat.permutation import PermutationSpec, permutation_spec
@@ -26,9 +28,12 @@ __all__ = [
     "PARTITIONS",
     "AgentReport",
     "AgentSwarm",
+    "CDSGDCallback",
+    "CommunicationLedger",
     "DIMATStrategy",
     "MergeCallback",
     "PermutationSpec",
+    "SGPCallback",
     "Topology",
     "align",
     "build_topology",

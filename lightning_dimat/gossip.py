@@ -85,7 +85,8 @@ class CDSGDCallback(_GossipCallback):
     Examples:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_dimat import DIMATStrategy
-        >>> trainer = Trainer(strategy=DIMATStrategy(topology="ring"), callbacks=[CDSGDCallback()])  # doctest: +SKIP
+        >>> strategy = DIMATStrategy(topology="ring")
+        >>> trainer = Trainer(strategy=strategy, callbacks=[CDSGDCallback()])  # doctest: +SKIP
     """
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -118,7 +119,8 @@ class SGPCallback(_GossipCallback):
         >>> from lightning.pytorch import Trainer
         >>> from lightning_dimat import DIMATStrategy
         >>> directed_ring = [[0.5, 0, 0.5], [0.5, 0.5, 0], [0, 0.5, 0.5]]
-        >>> trainer = Trainer(strategy=DIMATStrategy(num_agents=3), callbacks=[SGPCallback(directed_ring)])  # doctest: +SKIP
+        >>> strategy = DIMATStrategy(num_agents=3)
+        >>> trainer = Trainer(strategy=strategy, callbacks=[SGPCallback(directed_ring)])  # doctest: +SKIP
     """
 
     def __init__(self, mixing: Sequence[Sequence[float]] | None = None) -> None:
@@ -136,8 +138,8 @@ class SGPCallback(_GossipCallback):
             return
         if len(self.mixing) != strategy.num_agents:
             raise ValueError(
-                f"SGPCallback's mixing matrix is {len(self.mixing)} × {len(self.mixing)} but the strategy has "
-                f"num_agents={strategy.num_agents}; give one row and column per agent."
+                f"SGPCallback's mixing matrix is {len(self.mixing)} × {len(self.mixing)} but the strategy "
+                f"has num_agents={strategy.num_agents}; give one row and column per agent."
             )
         if strategy.world_size > 1:
             raise ValueError(

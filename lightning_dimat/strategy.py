@@ -137,8 +137,8 @@ class DIMATStrategy(DDPStrategy):
             )
         if init_from is not None and not Path(init_from).is_file():
             raise FileNotFoundError(
-                f"init_from={init_from!r} is not a file; give the path of a checkpoint written by a DIMAT run "
-                "(e.g. trainer.save_checkpoint(path) after pre-training)."
+                f"init_from={init_from!r} is not a file; give the path of a checkpoint written by a DIMAT "
+                "run (e.g. trainer.save_checkpoint(path) after pre-training)."
             )
         self.init_from = init_from
         self.swarm: AgentSwarm | None = None
@@ -332,7 +332,7 @@ class DIMATStrategy(DDPStrategy):
         trainer._accelerator_connector.use_distributed_sampler = False
 
     def _initialise_agents(self, swarm: AgentSwarm) -> None:
-        """Fresh parameters from seed (seed, g) for ``agent_init="reinit"``, then the ``init_from`` weights."""
+        """Fresh parameters from seed (seed, g) (``agent_init="reinit"``), then the ``init_from`` weights."""
         if self.agent_init == "reinit":
             self._reinitialise_agents(swarm)
         if self.init_from is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,6 +11,12 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# The 20-class Tiny ImageNet subset (see shared/data/README.md); tests that need it skip when it is absent.
+TINY_ZIP = Path(
+    os.environ.get("TINY_IMAGENET_ZIP")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-20.zip"
+)
 
 
 def blobs(num_samples: int = 240, num_classes: int = 4, dim: int = 8, seed: int = 0) -> TensorDataset:

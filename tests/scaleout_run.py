@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import BlobsData, TinyNet, make_trainer
 
-from lightning_dimat import DIMATStrategy, MergeCallback
+from lightning_dimat import CDSGDCallback, DIMATStrategy, MergeCallback, SGPCallback
 
 
 class ExitBeforeExchange(Callback):
@@ -40,13 +40,19 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=None)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--die", action="store_true")
+    parser.add_argument(
+        "--method", default="activation", help="a merge method, or cdsgd / sgp (per-step gossip)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
-    callbacks.append(MergeCallback(every_n_epochs=2, method="activation", num_batches=2))
+    gossip = {"cdsgd": CDSGDCallback, "sgp": SGPCallback}.get(args.method)
+    callbacks.append(
+        gossip() if gossip else MergeCallback(every_n_epochs=2, method=args.method, num_batches=2)
+    )
     if args.checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoints, save_top_k=-1, every_n_epochs=1))
     strategy = DIMATStrategy(
@@ -54,7 +60,7 @@ def main() -> None:
         topology=args.topology,
         partition="by_class",
         timeout=timedelta(seconds=args.timeout),
-        export="consensus",
+        export=0 if gossip else "consensus",
         start_method=args.start_method,
     )
     trainer = make_trainer(

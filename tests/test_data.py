@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import struct
 import zipfile
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_ZIP
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
@@ -26,10 +26,6 @@ from lightning_dimat.data import (
 from lightning_dimat.partition import dataset_labels
 
 # ../shared/data beside the checkout; TINY_IMAGENET_ZIP overrides it (.ci/run sets it for a fresh clone).
-TINY_ZIP = Path(
-    os.environ.get("TINY_IMAGENET_ZIP")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny-imagenet-20.zip"
-)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

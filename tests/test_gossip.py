@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import BlobsData, TinyNet, make_trainer
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import BlobsData, TinyNet, make_trainer
 from lightning_dimat import DIMATStrategy, MergeCallback
 from lightning_dimat.gossip import CDSGDCallback, SGPCallback, column_stochastic
 
@@ -50,7 +50,7 @@ class StartFrom(Callback):
 def run(
     callback: Callback, steps: int, lr: float = 0.1, topology: str = "ring"
 ) -> tuple[np.ndarray, np.ndarray, Any]:
-    """Trains the toy for ``steps`` steps (one sample per agent per epoch); returns final x, targets, strategy."""
+    """Trains the toy for ``steps`` steps (one sample per agent per epoch); returns x, targets, strategy."""
     data = TensorDataset(TARGETS, torch.arange(NUM_AGENTS))
     loader = DataLoader(data, batch_size=1)
     strategy = DIMATStrategy(
@@ -141,7 +141,7 @@ def test_activation_merge_counts_its_extra_forward_passes() -> None:
 
 
 def test_sgp_refuses_a_matrix_that_is_not_column_stochastic() -> None:
-    with pytest.raises(ValueError, match="column 1 sums to 0.5"):
+    with pytest.raises(ValueError, match=r"column 1 sums to 0\.5"):
         column_stochastic([[1.0, 0.25], [0.0, 0.25]])
     with pytest.raises(ValueError, match="has num_agents=4"):
         run(SGPCallback([[0.5, 0.5], [0.5, 0.5]]), steps=1)

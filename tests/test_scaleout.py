@@ -95,6 +95,22 @@ def test_fully_connected_uses_one_all_gather_and_uneven_placement_works(tmp_path
     assert _max_difference(uneven_1["states"], uneven_2["states"]) <= 1e-6
 
 
+@pytest.mark.parametrize("method", ["cdsgd", "sgp"])
+def test_per_step_gossip_on_two_processes_gives_the_agents_of_one_process(
+    tmp_path: Path, method: str
+) -> None:
+    one = _run(tmp_path, "g1", "--devices", "1", "--method", method, "--epochs", "2")
+    two = _run(tmp_path, "g2", "--devices", "2", "--method", method, "--epochs", "2")
+    assert _max_difference(one["states"], two["states"]) <= 1e-6
+    for key in ("comm/rounds", "comm/bytes_sent", "val_acc"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key
+    state_bytes = sum(t.numel() * t.element_size() for t in one["states"][0].values())
+    steps = one["metrics"]["comm/rounds"]
+    # Ring of 4: every agent sends its state to 2 neighbours per step (SGP adds its push-sum scalar).
+    per_message = state_bytes + (8 if method == "sgp" else 0)
+    assert one["metrics"]["comm/bytes_sent"] == 4 * 2 * steps * per_message
+
+
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_spawn_and_fork_launchers_hand_the_exported_module_back(
     runs: dict[str, Any], tmp_path: Path, start_method: str

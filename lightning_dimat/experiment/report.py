@@ -1,4 +1,4 @@
-"""Tables (Markdown and CSV, mean ± std over seeds) and plots (accuracy against iterations and communication)."""
+"""Tables (Markdown and CSV, mean ± std over seeds) and plots of accuracy against iterations and rounds."""
 
 from __future__ import annotations
 

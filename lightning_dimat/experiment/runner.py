@@ -1,4 +1,4 @@
-"""Runs an experiment's cells: shared local pre-training first, then every method, each cached by config hash."""
+"""Runs an experiment: the shared local pre-trainings first, then every cell, each cached by config hash."""
 
 from __future__ import annotations
 

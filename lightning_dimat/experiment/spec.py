@@ -186,8 +186,8 @@ def _method(name: str, entry: Any, path: Path) -> Method:
         every = (callback.get("init_args") or {}).get("every_n_epochs")
         if callback["class_path"] == MERGE_CALLBACK and every is not None:
             raise ValueError(
-                f"'{path}': method {name!r} sets MergeCallback every_n_epochs={every}; the runner sets it from "
-                "epochs_per_merge (one merge per iteration). Remove it."
+                f"'{path}': method {name!r} sets MergeCallback every_n_epochs={every}; the runner sets it "
+                "from epochs_per_merge (one merge per iteration). Remove it."
             )
     return Method(name, str(entry.get("label", name)), callbacks, dict(entry.get("model") or {}))
 
