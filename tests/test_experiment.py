@@ -163,3 +163,17 @@ def test_bad_experiment_files_are_refused_with_the_offending_value(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         load_experiment(write_experiment(tmp_cwd, **changes))
+
+
+def test_without_pretraining_and_with_two_epochs_per_merge_points_follow_the_merges(tmp_cwd: Path) -> None:
+    grid = {"methods": ["wa"], "topologies": ["ring"], "partitions": ["iid"], "seeds": [1], "num_agents": [3]}
+    experiment = load_experiment(
+        write_experiment(tmp_cwd, pretrain_epochs=0, epochs_per_merge=2, grids=[grid])
+    )
+    (result,) = run_experiment(experiment)
+    assert result["config"]["trainer"]["strategy"]["init_args"]["init_from"] is None
+    assert [(p["epoch"], p["iteration"], p["comm/rounds"]) for p in result["history"]] == [
+        (2, 1.0, 1),
+        (4, 2.0, 2),
+    ]
+    assert result["pretrained"] == []

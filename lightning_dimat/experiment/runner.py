@@ -19,7 +19,8 @@ from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
 
 
 class History(Callback):
-    """Records, after each validation, the mean and per-agent ``metric`` and the communication so far."""
+    """Every ``epochs_per_point`` epochs (when the runner validates), records the mean and per-agent
+    ``metric`` and the communication so far."""
 
     def __init__(self, metric: str = "val_acc", epochs_per_point: int = 1) -> None:
         self.metric = metric
@@ -27,10 +28,9 @@ class History(Callback):
         self.points: list[dict[str, Any]] = []
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = trainer.callback_metrics
-        if self.metric not in metrics:
+        metrics, epoch = trainer.callback_metrics, trainer.current_epoch + 1
+        if self.metric not in metrics or epoch % self.epochs_per_point:  # no fresh validation this epoch
             return
-        epoch = trainer.current_epoch + 1
         agents = sorted(int(k.split("/")[0][6:]) for k in metrics if k.endswith(f"/{self.metric}"))
         point: dict[str, Any] = {
             "epoch": epoch,
