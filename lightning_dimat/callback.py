@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -83,6 +83,7 @@ class MergeCallback(Callback):
         MERGE_METHODS.get(method)
         self.optimizer_state = optimizer_state
         self.ledger = CommunicationLedger()
+        self._strategy: DIMATStrategy | None = None
         self.every_n_epochs = every_n_epochs
         self.method = method
         self.start_epoch = start_epoch
@@ -98,9 +99,12 @@ class MergeCallback(Callback):
                 "MergeCallback needs Trainer(strategy=DIMATStrategy(...)), "
                 f"got {type(trainer.strategy).__name__}."
             )
+        self._strategy = trainer.strategy
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Derives and checks the permutation spec now, so that an unsupported model fails before training."""
+        assert isinstance(trainer.strategy, DIMATStrategy) and trainer.strategy.swarm is not None
+        self.ledger.restrict(trainer.strategy.swarm.agent_ids)  # a checkpoint holds every process's agents
         method = MERGE_METHODS.get(self.method)
         if not getattr(method, "uses_spec", False):
             return
@@ -192,16 +196,23 @@ class MergeCallback(Callback):
             pl_module.log(name, float(value), on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
+        gather = self._strategy.all_gather_object if self._strategy is not None else (lambda obj: [obj])
         return {
             "round": self.round,
             "merged_epochs": list(self.merged_epochs),
-            "ledger": self.ledger.state_dict(),
+            "ledger": gathered_ledger(self.ledger, gather),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.round = int(state_dict["round"])
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
+
+
+def gathered_ledger(ledger: CommunicationLedger, gather: Callable[[Any], list[Any]]) -> dict[str, Any]:
+    """The ledger's state with every process's agents (``gather``: an all-gather of Python objects)."""
+    parts = gather(ledger.state_dict())
+    return {name: {g: v for part in parts for g, v in part[name].items()} for name in parts[0]}
 
 
 def communication_metrics(ledger: CommunicationLedger, strategy: DIMATStrategy) -> dict[str, float]:

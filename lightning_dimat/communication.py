@@ -2,8 +2,8 @@
 
 Every agent is its own machine in the model this ledger counts: one *round* is one model exchange with
 each neighbour (agent j sends its state to every agent i with π_ij > 0, i ≠ j), and its bytes are the state's
-size times the number of receivers — whether or not those agents share a process here (the bytes that
-actually cross a process boundary are logged separately as ``merge/bytes_sent``). DIMAT's activation
+size times the number of receivers — whether or not those agents share a process here (for merges, the bytes
+that actually cross a process boundary are logged separately as ``merge/bytes_sent``). DIMAT's activation
 matching also costs forward passes: ``forward_samples`` counts the samples each agent runs through its own
 and its neighbours' models per merge (plus BatchNorm re-estimation).
 """
@@ -74,6 +74,12 @@ class CommunicationLedger:
             metrics[f"comm/agent_{agent_id}/bytes_sent"] = float(self.bytes_sent.get(agent_id, 0))
             metrics[f"comm/agent_{agent_id}/forward_samples"] = float(self.forward_samples.get(agent_id, 0))
         return metrics
+
+    def restrict(self, agent_ids: Iterable[int]) -> None:
+        """Keeps only ``agent_ids``' counts (after loading a checkpoint that holds every process's agents)."""
+        keep = set(agent_ids)
+        for name in ("rounds", "bytes_sent", "messages_sent", "forward_samples"):
+            setattr(self, name, {g: v for g, v in getattr(self, name).items() if g in keep})
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -5,15 +5,19 @@ and exchange with neighbours after every optimizer step instead of every few epo
 
 - **CDSGD** (consensus-based distributed SGD, Jiang et al. 2017): the gradient is taken at x_i, then
   x_i ← Σ_j π_ij x_j − α g_i. The callback mixes the weights after the backward pass and before the agent's
-  optimizer applies its gradient (with plain SGD this is exactly CDSGD; with momentum or Adam it is the same
-  combine-then-adapt step with that local optimizer).
+  optimizer applies its gradient (with plain SGD and no weight decay this is exactly CDSGD — weight decay is
+  applied at the mixed point; with momentum or Adam it is the same combine-then-adapt step with that local
+  optimizer).
 - **SGP** (stochastic gradient push, Assran et al. 2019): push-sum on a column-stochastic matrix P. Each
   agent keeps a numerator z_i and a weight w_i; the model holds the de-biased x_i = z_i / w_i. After the
   local step (z_i += x_i' − x_i), z and w are pushed: z_i ← Σ_j p_ij z_j, w_i ← Σ_j p_ij w_j. On a symmetric
   doubly stochastic Π the weights stay 1 and SGP is D-PSGD: x_i ← Σ_j π_ij (x_j − α g_j).
 
-Every floating entry of the state dict is mixed (weights and BatchNorm running statistics); integer entries
-(``num_batches_tracked``) stay the agent's own. Communication is counted per step in a
+CDSGD mixes every floating entry of the state dict (weights and BatchNorm running statistics); SGP pushes the
+parameters and averages the floating buffers with its shares normalised per receiver (so BatchNorm statistics
+stay statistics on a directed graph); integer entries (``num_batches_tracked``) stay the agent's own. With
+``precision="16-mixed"`` a step the GradScaler skips (inf gradients in any agent) still gossips — without a
+local update — in both. Communication is counted per step in a
 :class:`~lightning_dimat.communication.CommunicationLedger` and logged at each epoch end as ``comm/*``.
 """
 
@@ -22,12 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from lightning_dimat.callback import communication_metrics, detached_state
+from lightning_dimat.callback import communication_metrics, detached_state, gathered_ledger
 from lightning_dimat.communication import CommunicationLedger, receivers_of, state_bytes
 from lightning_dimat.merge import load_state_in_place, weighted_state
 from lightning_dimat.strategy import DIMATStrategy
@@ -42,6 +47,7 @@ class _GossipCallback(Callback):
     def __init__(self) -> None:
         self.ledger = CommunicationLedger()
         self.steps = 0
+        self._strategy_ref: DIMATStrategy | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not isinstance(trainer.strategy, DIMATStrategy):
@@ -49,6 +55,18 @@ class _GossipCallback(Callback):
                 f"{type(self).__name__} needs Trainer(strategy=DIMATStrategy(...)), "
                 f"got {type(trainer.strategy).__name__}."
             )
+        self._strategy_ref = trainer.strategy
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        strategy = self._strategy(trainer)
+        assert strategy.swarm is not None
+        self.ledger.restrict(strategy.swarm.agent_ids)  # a checkpoint holds every process's agents
+
+    def _gather(self, local: Any) -> list[Any]:
+        """``local`` from every process (checkpoints are written from rank 0 with every agent's state)."""
+        if self._strategy_ref is None:
+            return [local]
+        return self._strategy_ref.all_gather_object(local)
 
     @staticmethod
     def _strategy(trainer: Trainer) -> DIMATStrategy:
@@ -72,7 +90,7 @@ class _GossipCallback(Callback):
             pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "ledger": self.ledger.state_dict()}
+        return {"steps": self.steps, "ledger": gathered_ledger(self.ledger, self._gather)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict["steps"])
@@ -128,7 +146,7 @@ class SGPCallback(_GossipCallback):
         self.mixing = None if mixing is None else column_stochastic(mixing)
         self.numerators: dict[int, StateDict] = {}
         self.push_weights: dict[int, float] = {}
-        self._seen_steps = -1
+        self._pending = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -152,55 +170,72 @@ class SGPCallback(_GossipCallback):
         return strategy.topology.mixing if self.mixing is None else self.mixing
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         strategy = self._strategy(trainer)
-        self._seen_steps = _optimizer_steps(strategy)
+        assert strategy.swarm is not None
         if not self.numerators:  # fresh run (a resumed one has them from the checkpoint)
-            self.numerators = self._states(strategy)
-            self.push_weights = dict.fromkeys(self.numerators, 1.0)
+            self.push_weights = dict.fromkeys(strategy.swarm.agent_ids, 1.0)
+            self.numerators = {
+                g: _numerator(agent, agent.state_dict()) for g, agent in strategy.swarm.items()
+            }
+        else:  # resumed: keep this process's agents, on their device
+            self.numerators = {
+                g: {k: v.to(strategy.root_device) for k, v in self.numerators[g].items()}
+                for g in strategy.swarm.agent_ids
+            }
+            self.push_weights = {g: self.push_weights[g] for g in strategy.swarm.agent_ids}
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # Every process reaches this hook once per optimizer step (even one that a GradScaler then skips),
+        # so every process pushes at the same batches.
+        self._pending = True
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._pending:  # no optimizer step on this batch (gradient accumulation)
+            return
+        self._pending = False
         strategy = self._strategy(trainer)
         assert strategy.swarm is not None
-        steps = _optimizer_steps(strategy)
-        if steps == self._seen_steps:  # no optimizer step on this batch (gradient accumulation)
-            return
-        self._seen_steps = steps
         mixing = self._push_matrix(strategy)
-        # z_i ← z_i + (x_i' − x_i): the local step, applied to the numerator (x_i = z_i / w_i before it).
-        half: dict[int, StateDict] = {}
-        for agent_id, state in self._states(strategy).items():
+        payloads: dict[int, StateDict] = {}
+        for agent_id, agent in strategy.swarm.items():
             numerator, weight = self.numerators[agent_id], self.push_weights[agent_id]
-            half[agent_id] = {
-                key: (numerator[key] + value - numerator[key] / weight)
-                if value.is_floating_point()
-                else value
-                for key, value in state.items()
-            }
-            half[agent_id][PUSH_SUM_WEIGHT] = torch.tensor(
-                weight, dtype=torch.float64, device=state_device(state)
-            )
-        pushed = self._with_remote(strategy, half)
+            state = agent.state_dict()
+            # z_i ← z_i + (x_i' − x_i): the local step, applied to the numerator (x_i = z_i / w_i before it).
+            payload = {k: z + (state[k].to(z.dtype) - z / weight) for k, z in numerator.items()}
+            payload.update({k: v.detach().clone() for k, v in state.items() if k not in numerator})
+            payload[PUSH_SUM_WEIGHT] = torch.tensor(weight, dtype=torch.float64, device=state_device(state))
+            payloads[agent_id] = payload
+        pushed = self._with_remote(strategy, payloads)
         for agent_id, agent in strategy.swarm.items():
             senders = [agent_id, *(int(j) for j in np.flatnonzero(mixing[agent_id]) if j != agent_id)]
             shares = [float(mixing[agent_id, j]) for j in senders]
-            mixed = weighted_state([pushed[j] for j in senders], shares)
+            numerator_keys = [*self.numerators[agent_id], PUSH_SUM_WEIGHT]
+            mixed = weighted_state([_subset(pushed[j], numerator_keys) for j in senders], shares)
             weight = float(mixed.pop(PUSH_SUM_WEIGHT))
-            self.numerators[agent_id], self.push_weights[agent_id] = mixed, weight
-            load_state_in_place(
-                agent, {k: v / weight if v.is_floating_point() else v for k, v in mixed.items()}
+            # Buffers (BatchNorm statistics) are averaged, not pushed: shares normalised per receiver.
+            buffers = weighted_state(
+                [_subset(pushed[j], pushed[j].keys() - set(numerator_keys)) for j in senders],
+                [share / sum(shares) for share in shares],
             )
+            self.numerators[agent_id], self.push_weights[agent_id] = mixed, weight
+            load_state_in_place(agent, {**{k: z / weight for k, z in mixed.items()}, **buffers})
         self.steps += 1
-        size = state_bytes(half[strategy.swarm.agent_ids[0]])
-        receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in half}
+        size = state_bytes(payloads[strategy.swarm.agent_ids[0]])
+        receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in payloads}
         self.ledger.record_exchange(receivers, size)
 
     def state_dict(self) -> dict[str, Any]:
+        local = {
+            "numerators": {g: {k: t.cpu() for k, t in z.items()} for g, z in self.numerators.items()},
+            "push_weights": dict(self.push_weights),
+        }
+        gathered = self._gather(local)
         return {
             **super().state_dict(),
-            "numerators": {k: {n: t.cpu() for n, t in v.items()} for k, v in self.numerators.items()},
-            "push_weights": dict(self.push_weights),
+            **{name: {g: v for part in gathered for g, v in part[name].items()} for name in local},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,11 +244,30 @@ class SGPCallback(_GossipCallback):
         self.push_weights = {int(k): float(v) for k, v in state_dict["push_weights"].items()}
 
 
+def _numerator(agent: LightningModule, state: dict[str, Tensor]) -> StateDict:
+    """Push-sum numerators of the agent's parameters, at least float32 (x_i = z_i / w_i with w_i = 1)."""
+    names = {name for name, _ in agent.named_parameters()}
+    return {
+        key: value.detach().to(torch.promote_types(value.dtype, torch.float32)).clone()
+        for key, value in state.items()
+        if key in names and value.is_floating_point()
+    }
+
+
+def _subset(state: StateDict, keys: Any) -> StateDict:
+    wanted = set(keys)
+    return {key: value for key, value in state.items() if key in wanted}
+
+
 def column_stochastic(mixing: Sequence[Sequence[float]], atol: float = 1e-6) -> np.ndarray:
-    """Checks that ``mixing`` is a square, non-negative, column-stochastic matrix; returns it as float64.
+    """Checks that ``mixing`` is a valid push-sum matrix (square, non-negative, column-stochastic); returns it
+    as float64.
+
+    Every agent must keep a positive share (positive diagonal) and the directed graph must be strongly
+    connected; otherwise a push-sum weight can reach 0 and the de-biased model diverges.
 
     Examples:
-        >>> column_stochastic([[0.5, 1.0], [0.5, 0.0]]).sum(axis=0)
+        >>> column_stochastic([[0.5, 0.25], [0.5, 0.75]]).sum(axis=0)
         array([1., 1.])
     """
     array = np.asarray(mixing, dtype=np.float64)
@@ -228,6 +282,19 @@ def column_stochastic(mixing: Sequence[Sequence[float]], atol: float = 1e-6) -> 
         raise ValueError(
             f"The push-sum matrix must be column-stochastic (what agent j pushes sums to 1), but column "
             f"{worst} sums to {sums[worst]:.6g}; divide each column by its sum."
+        )
+    missing = np.flatnonzero(np.diag(array) <= 0)
+    if missing.size:
+        raise ValueError(
+            f"Every agent must keep a share of its own push-sum mass, but P[{missing[0]}][{missing[0]}] = "
+            f"{array[missing[0], missing[0]]}; give the diagonal positive weights (e.g. 1/(out-degree + 1))."
+        )
+    graph = nx.from_numpy_array((array > 0).astype(np.int8), create_using=nx.DiGraph)
+    if not nx.is_strongly_connected(graph):
+        parts = sorted(sorted(part) for part in nx.strongly_connected_components(graph))
+        raise ValueError(
+            f"The push-sum graph must be strongly connected (every agent reaches every other), but it splits "
+            f"into {parts}; add links so that mass flows between them, or the de-biasing weights vanish."
         )
     return array
 

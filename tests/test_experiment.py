@@ -10,7 +10,7 @@ import yaml
 
 from lightning_dimat.experiment import load_experiment, run_experiment, write_report
 from lightning_dimat.experiment import runner as runner_module
-from lightning_dimat.experiment.runner import cell_dir, pretrain_dir
+from lightning_dimat.experiment.runner import cell_dir, is_finished, pretrain_dir
 
 BASE = {
     "seed_everything": 0,
@@ -94,7 +94,7 @@ def test_two_cell_grid_runs_reports_and_skips_finished_cells(
 
     paths = write_report(experiment, results)
     table = paths["markdown"].read_text()
-    assert "| 3 | ring | by_class |" in table and f"{100 * wa['test_acc']:.2f} ± 0.00 (n=1)" in table
+    assert "| 3 | ring | by_class |" in table and f"{100 * wa['test_acc']:.2f} (n=1)" in table
     assert paths["iteration_plot"].stat().st_size > 0 and paths["rounds_plot"].stat().st_size > 0
     assert len(paths["csv"].read_text().splitlines()) == 3
 
@@ -105,13 +105,24 @@ def test_two_cell_grid_runs_reports_and_skips_finished_cells(
     monkeypatch.setattr(runner_module, "run_task", fail)
     assert run_experiment(experiment) == results
 
+    # Re-running the shared pre-training (new agents on disk) makes both cells stale.
+    monkeypatch.undo()
+    assert all(is_finished(experiment, "cell", cell) for cell in experiment.cells)
+    record = pretrain_dir(experiment, experiment.cells[0]) / "result.json"
+    record.write_text(json.dumps({**pretrained, "fingerprint": "another run"}))
+    assert not any(is_finished(experiment, "cell", cell) for cell in experiment.cells)
+
     # Changing a method's config changes its hash: only that cell is new.
     changed = load_experiment(write_experiment(tmp_cwd, iterations=3))
     assert cell_dir(changed, changed.cells[0]) != cell_dir(experiment, experiment.cells[0])
 
 
 def test_cells_start_from_the_shared_pretrained_agents(tmp_cwd: Path) -> None:
-    experiment = load_experiment(write_experiment(tmp_cwd, iterations=1))
+    methods = {
+        **GRID["methods"],
+        "wa": {**GRID["methods"]["wa"], "model": {"model_options": {"hidden": [8]}}},
+    }
+    experiment = load_experiment(write_experiment(tmp_cwd, iterations=1, methods=methods))
     cell = experiment.cells[0]
     config = experiment.cell_config(cell, init_from="agents.ckpt")
     strategy = config["trainer"]["strategy"]["init_args"]
@@ -119,6 +130,8 @@ def test_cells_start_from_the_shared_pretrained_agents(tmp_cwd: Path) -> None:
     assert config["trainer"]["max_epochs"] == 1
     assert config["trainer"]["callbacks"][-1]["init_args"]["every_n_epochs"] == 1
     assert experiment.pretrain_config(cell)["trainer"]["max_epochs"] == 1
+    # A method's model overrides merge into the base's nested options rather than replacing them.
+    assert config["model"]["init_args"]["model_options"] == {"in_features": 64, "hidden": [8]}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,16 +40,24 @@ class Quadratic(LightningModule):
 
 
 class StartFrom(Callback):
-    """Sets agent i's x to START[i] before training."""
+    """Sets agent i's x to START[i] before training (not when resuming)."""
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch > 0:
+            return
         for agent_id, agent in trainer.strategy.swarm.items():
             with torch.no_grad():
                 agent.x.copy_(torch.as_tensor(START[agent_id]))
 
 
 def run(
-    callback: Callback, steps: int, lr: float = 0.1, topology: str = "ring"
+    callback: Callback,
+    steps: int,
+    lr: float = 0.1,
+    topology: str = "ring",
+    resume: Path | None = None,
+    save: Path | None = None,
+    accumulate: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, Any]:
     """Trains the toy for ``steps`` steps (one sample per agent per epoch); returns x, targets, strategy."""
     data = TensorDataset(TARGETS, torch.arange(NUM_AGENTS))
@@ -56,8 +65,15 @@ def run(
     strategy = DIMATStrategy(
         num_agents=NUM_AGENTS, topology=topology, partition="by_class", agent_init="copy"
     )
-    trainer = make_trainer(strategy=strategy, max_epochs=steps, callbacks=[StartFrom(), callback])
-    trainer.fit(Quadratic(lr), train_dataloaders=loader)
+    trainer = make_trainer(
+        strategy=strategy,
+        max_epochs=steps,
+        callbacks=[StartFrom(), callback],
+        accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(Quadratic(lr), train_dataloaders=loader, ckpt_path=resume)
+    if save is not None:
+        trainer.save_checkpoint(save)
     swarm = strategy.swarm
     final = np.stack([swarm.agent(i).x.detach().numpy() for i in range(NUM_AGENTS)])
     targets = np.stack([swarm.agent(i).target.numpy() for i in range(NUM_AGENTS)])
@@ -145,3 +161,37 @@ def test_sgp_refuses_a_matrix_that_is_not_column_stochastic() -> None:
         column_stochastic([[1.0, 0.25], [0.0, 0.25]])
     with pytest.raises(ValueError, match="has num_agents=4"):
         run(SGPCallback([[0.5, 0.5], [0.5, 0.5]]), steps=1)
+
+
+@pytest.mark.parametrize(
+    "make", [CDSGDCallback, lambda: SGPCallback(DIRECTED.tolist())], ids=["cdsgd", "sgp"]
+)
+def test_gossip_resumes_from_a_checkpoint_as_if_uninterrupted(make: Any, tmp_path: Path) -> None:
+    uninterrupted, _, _ = run(make(), steps=4)
+    run(make(), steps=2, save=tmp_path / "half.ckpt")
+    callback = make()
+    resumed, _, _ = run(callback, steps=4, resume=tmp_path / "half.ckpt")
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=0, atol=1e-12)
+    assert callback.ledger.rounds == dict.fromkeys(range(NUM_AGENTS), 4)
+
+
+def test_sgp_pushes_once_per_optimizer_step_with_gradient_accumulation() -> None:
+    """Two samples per agent and accumulation over 2 batches: one step, hence one push, per epoch."""
+    data = TensorDataset(TARGETS.repeat(2, 1), torch.arange(NUM_AGENTS).repeat(2))
+    strategy = DIMATStrategy(num_agents=NUM_AGENTS, partition="by_class", agent_init="copy")
+    callback = SGPCallback()
+    trainer = make_trainer(strategy=strategy, max_epochs=3, callbacks=[callback], accumulate_grad_batches=2)
+    trainer.fit(Quadratic(), train_dataloaders=DataLoader(data, batch_size=1))
+    assert callback.steps == 3 and callback.ledger.rounds == dict.fromkeys(range(NUM_AGENTS), 3)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "message"),
+    [
+        ([[0.0, 0.5], [1.0, 0.5]], r"P\[0\]\[0\] = 0\.0"),
+        ([[1.0, 0.5], [0.0, 0.5]], r"splits into \[\[0\], \[1\]\]"),
+    ],
+)
+def test_push_sum_matrices_that_would_lose_mass_are_refused(matrix: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        column_stochastic(matrix)

@@ -34,9 +34,11 @@ def accuracy_table(experiment: Experiment, results: Results) -> tuple[list[str],
         row = [str(num_agents), topology, partition]
         for method in methods:
             runs = by_method.get(method, [])
-            if runs:
+            if len(runs) > 1:
                 mean, std = _mean_std([100 * r["test_acc"] for r in runs])
                 row.append(f"{mean:.2f} ± {std:.2f} (n={len(runs)})")
+            elif runs:
+                row.append(f"{100 * runs[0]['test_acc']:.2f} (n=1)")
             else:
                 row.append("—")
         rows.append(row)
@@ -44,23 +46,36 @@ def accuracy_table(experiment: Experiment, results: Results) -> tuple[list[str],
 
 
 def communication_table(experiment: Experiment, results: Results) -> tuple[list[str], list[list[str]]]:
-    """Per method and topology, per agent over the whole run: rounds, MB sent, extra forward samples."""
-    header = ["method", "agents", "topology", "rounds / agent", "MB sent / agent", "extra forwards / agent"]
-    seen: dict[tuple[str, int, str], dict[str, Any]] = {}
+    """Per method, agents, topology and partition, per agent over the whole run (mean over seeds): rounds,
+    MB sent and extra forward samples."""
+    header = [
+        "method",
+        "agents",
+        "topology",
+        "data",
+        "rounds / agent",
+        "MB sent / agent",
+        "extra forwards / agent",
+    ]
+    runs: dict[tuple[str, int, str, str], list[dict[str, Any]]] = defaultdict(list)
     for result in results:
         cell = Cell(**result["cell"])
-        if result["history"]:
-            seen.setdefault((cell.method, cell.num_agents, cell.topology), result["history"][-1])
+        runs[(cell.method, cell.num_agents, cell.topology, cell.partition)].append(result["history"][-1])
     rows = []
-    for (method, num_agents, topology), last in sorted(seen.items()):
+    for (method, num_agents, topology, partition), lasts in sorted(runs.items()):
+
+        def mean(name: str, lasts: list[dict[str, Any]] = lasts) -> float:
+            return statistics.fmean(last.get(name, 0.0) for last in lasts)
+
         rows.append(
             [
                 experiment.methods[method].label,
                 str(num_agents),
                 topology,
-                f"{last.get('comm/rounds', 0):.0f}",
-                f"{last.get('comm/bytes_sent', 0) / num_agents / 1e6:.1f}",
-                f"{last.get('comm/forward_samples', 0) / num_agents:.0f}",
+                partition,
+                f"{mean('comm/rounds'):.0f}",
+                f"{mean('comm/bytes_sent') / num_agents / 1e6:.1f}",
+                f"{mean('comm/forward_samples') / num_agents:.0f}",
             ]
         )
     return header, rows
@@ -87,6 +102,9 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
     import matplotlib.pyplot as plt
 
     groups = sorted(_by_group(experiment, results).items())
+    if not groups:
+        raise ValueError(f"No results to plot for experiment {experiment.name!r}.")
+    colours = {name: f"C{index % 10}" for index, name in enumerate(experiment.methods)}
     columns = min(4, len(groups))
     rows = (len(groups) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
@@ -99,7 +117,7 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
                 for i in range(length)
             ]
             ys = [100 * statistics.fmean(s[i][2] for s in series) for i in range(length)]
-            axis.plot(xs, ys, marker=".", label=experiment.methods[method].label)
+            axis.plot(xs, ys, marker=".", color=colours[method], label=experiment.methods[method].label)
         axis.set_title(f"{topology}, {partition}, {num_agents} agents", fontsize=10)
         axis.set_xlabel("iteration" if x_axis == "iteration" else "communication rounds per agent")
         if x_axis == "rounds":
@@ -108,8 +126,14 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(groups) :]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
+    handles = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    order = [experiment.methods[name].label for name in experiment.methods]
+    labels = [label for label in order if label in handles]
+    figure.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(len(labels), 7))
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_dimat.callback import communication_metrics
 from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
+from lightning_dimat.strategy import DIMATStrategy
 
 
 class History(Callback):
@@ -38,10 +41,12 @@ class History(Callback):
             self.metric: float(metrics[self.metric]),
             "agents": [float(metrics[f"agent_{g}/{self.metric}"]) for g in agents],
         }
+        strategy = trainer.strategy
         for callback in trainer.callbacks:
             ledger = getattr(callback, "ledger", None)
-            if ledger is not None:
-                point.update(ledger.totals())
+            if ledger is not None:  # summed over processes (a collective: every process records)
+                assert isinstance(strategy, DIMATStrategy)
+                point.update(communication_metrics(ledger, strategy))
         self.points.append(point)
 
 
@@ -54,9 +59,7 @@ def run_experiment(experiment: Experiment, jobs: int = 1) -> list[dict[str, Any]
 
 
 def _run_all(experiment: Experiment, tasks: list[tuple[str, Cell]], jobs: int) -> None:
-    todo = [
-        (kind, cell) for kind, cell in tasks if not (_dir(experiment, kind, cell) / "result.json").is_file()
-    ]
+    todo = [(kind, cell) for kind, cell in tasks if not is_finished(experiment, kind, cell)]
     for kind, cell in tasks:
         if (kind, cell) not in todo:
             print(f"[{experiment.name}] cached {kind}: {_dir(experiment, kind, cell)}", flush=True)
@@ -103,18 +106,56 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
     else:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         result["history"] = history.points
+        if not history.points:
+            raise RuntimeError(
+                f"{folder}: no '{history.metric}' was logged at the end of any iteration; the experiment "
+                "runner records the mean-agent 'val_acc' each iteration (log it in validation_step)."
+            )
     if kind == "pretrain":
-        cli.trainer.save_checkpoint(folder / "agents.ckpt") if experiment.pretrain_epochs else None
+        if experiment.pretrain_epochs:
+            cli.trainer.save_checkpoint(folder / "agents.ckpt")
+        result["fingerprint"] = _fingerprint(folder / "agents.ckpt")
     else:
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         result["test_acc"] = float(tested["test_acc"])
         result["agents_test_acc"] = [
             float(tested[k]) for k in sorted(tested, key=_agent_order) if k.endswith("/test_acc")
         ]
-        result["pretrained"] = _read(pretrain_dir(experiment, cell) / "result.json")["history"]
+        pretrained = _read(pretrain_dir(experiment, cell) / "result.json")
+        result["pretrained"], result["pretrained_fingerprint"] = (
+            pretrained["history"],
+            pretrained["fingerprint"],
+        )
     result["wall_s"] = time.perf_counter() - started
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    partial = folder / "result.json.partial"
+    partial.write_text(json.dumps(result, indent=1))
+    os.replace(partial, folder / "result.json")  # a result file is complete, or absent
     return folder
+
+
+def is_finished(experiment: Experiment, kind: str, cell: Cell) -> bool:
+    """Whether ``cell``'s run (``kind``: ``"pretrain"`` or ``"cell"``) has a result that is still valid: for a
+    cell, one that started from the pre-trained agents on disk now (a re-run pre-training invalidates it)."""
+    path = _dir(experiment, kind, cell) / "result.json"
+    if not path.is_file():
+        return False
+    if kind == "pretrain":
+        return True
+    pretrained = pretrain_dir(experiment, cell) / "result.json"
+    return (
+        pretrained.is_file() and _read(path).get("pretrained_fingerprint") == _read(pretrained)["fingerprint"]
+    )
+
+
+def _fingerprint(checkpoint: Path) -> str:
+    """SHA-256 of the pre-trained agents' file ("none" without pre-training)."""
+    if not checkpoint.is_file():
+        return "none"
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _agent_order(key: str) -> int:

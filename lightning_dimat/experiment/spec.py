@@ -81,6 +81,8 @@ class Experiment:
         config = self._with_run(cell, epochs=self.pretrain_epochs)
         strategy = config["trainer"]["strategy"]["init_args"]
         strategy["topology"] = "fully_connected"  # unused: nothing is exchanged while pre-training
+        strategy.pop("topology_options", None)
+        strategy.pop("mixing_rule", None)
         config["trainer"]["check_val_every_n_epoch"] = max(1, self.pretrain_epochs)
         return config
 
@@ -90,7 +92,7 @@ class Experiment:
         config = self._with_run(cell, epochs=self.iterations * self.epochs_per_merge)
         config["trainer"]["strategy"]["init_args"]["init_from"] = init_from
         config["trainer"]["check_val_every_n_epoch"] = self.epochs_per_merge
-        config["model"].setdefault("init_args", {}).update(copy.deepcopy(method.model))
+        _merge_into(config["model"].setdefault("init_args", {}), method.model)
         callbacks = copy.deepcopy(method.callbacks)
         for callback in callbacks:
             if callback.get("class_path") == MERGE_CALLBACK:
@@ -115,6 +117,15 @@ class Experiment:
             export="none",
         )
         return config
+
+
+def _merge_into(target: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Recursively applies ``changes`` to ``target`` (nested mappings are merged, not replaced)."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
 
 
 def config_hash(config: dict[str, Any]) -> str:
