@@ -99,11 +99,16 @@ def test_fully_connected_uses_one_all_gather_and_uneven_placement_works(tmp_path
 def test_per_step_gossip_on_two_processes_gives_the_agents_of_one_process(
     tmp_path: Path, method: str
 ) -> None:
-    one = _run(tmp_path, "g1", "--devices", "1", "--method", method, "--epochs", "2")
-    two = _run(tmp_path, "g2", "--devices", "2", "--method", method, "--epochs", "2")
-    assert _max_difference(one["states"], two["states"]) <= 1e-6
-    for key in ("comm/rounds", "comm/bytes_sent", "val_acc"):
-        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key
+    common = ("--method", method, "--epochs", "2")
+    one = _run(tmp_path, "g1", "--devices", "1", *common)
+    two = _run(tmp_path, "g2", "--devices", "2", *common, "--checkpoints", str(tmp_path / "ck"))
+    # The checkpoint after epoch 0, written by two processes, resumed in one (gossip state gathered by agent).
+    (checkpoint,) = (tmp_path / "ck").glob("epoch=0-*.ckpt")
+    resumed = _run(tmp_path, "g21", "--devices", "1", *common, "--resume", str(checkpoint))
+    for run in (two, resumed):
+        assert _max_difference(one["states"], run["states"]) <= 1e-6
+        for key in ("comm/rounds", "comm/bytes_sent", "val_acc"):
+            assert run["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key
     state_bytes = sum(t.numel() * t.element_size() for t in one["states"][0].values())
     steps = one["metrics"]["comm/rounds"]
     # Ring of 4: every agent sends its state to 2 neighbours per step (SGP adds its push-sum scalar).
