@@ -138,9 +138,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     """Reads and validates an experiment file; ``overrides`` are ``dotted.key=yaml_value`` edits of it.
 
     Examples:
-        >>> experiment = load_experiment("configs/cpu/grid.yaml")  # doctest: +SKIP
-        >>> len(experiment.cells)  # doctest: +SKIP
-        66
+        >>> experiment = load_experiment("configs/cpu/grid.yaml")
+        >>> len(experiment.cells), experiment.cells[0]
+        (66, Cell(method='dimat', topology='fully_connected', partition='iid', seed=0, num_agents=5))
     """
     path = Path(path)
     if not path.is_file():
