@@ -216,13 +216,19 @@ def gathered_ledger(ledger: CommunicationLedger, gather: Callable[[Any], list[An
 
 
 def communication_metrics(ledger: CommunicationLedger, strategy: DIMATStrategy) -> dict[str, float]:
-    """The ledger's totals, summed over processes (rounds: the same in every process)."""
+    """The ledger's totals, summed over processes (rounds: the most any agent did), and every agent's own
+    counts (``comm/agent_<g>/...``, gathered from all processes)."""
     totals = ledger.totals()
     if strategy.world_size > 1:
         device = strategy.root_device
         for name in ("comm/bytes_sent", "comm/messages_sent", "comm/forward_samples"):
             value = torch.tensor(totals[name], dtype=torch.float64, device=device)
             totals[name] = float(strategy.reduce(value, reduce_op="sum"))
+        totals["comm/rounds"] = float(
+            strategy.reduce(torch.tensor(totals["comm/rounds"], device=device), reduce_op="max")
+        )
+    for part in strategy.all_gather_object(ledger.per_agent()):
+        totals.update(part)
     return totals
 
 

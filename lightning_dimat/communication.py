@@ -68,9 +68,10 @@ class CommunicationLedger:
         }
 
     def per_agent(self) -> dict[str, float]:
-        """``comm/agent_<i>/bytes_sent`` and ``comm/agent_<i>/forward_samples`` for every agent counted."""
+        """``comm/agent_<i>/rounds``, ``.../bytes_sent`` and ``.../forward_samples`` of every agent counted."""
         metrics: dict[str, float] = {}
-        for agent_id in sorted(set(self.bytes_sent) | set(self.forward_samples)):
+        for agent_id in sorted(set(self.rounds) | set(self.forward_samples)):
+            metrics[f"comm/agent_{agent_id}/rounds"] = float(self.rounds.get(agent_id, 0))
             metrics[f"comm/agent_{agent_id}/bytes_sent"] = float(self.bytes_sent.get(agent_id, 0))
             metrics[f"comm/agent_{agent_id}/forward_samples"] = float(self.forward_samples.get(agent_id, 0))
         return metrics
