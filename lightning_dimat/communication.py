@@ -68,7 +68,7 @@ class CommunicationLedger:
         }
 
     def per_agent(self) -> dict[str, float]:
-        """``comm/agent_<i>/rounds``, ``.../bytes_sent`` and ``.../forward_samples`` of every agent counted."""
+        """``comm/agent_<i>/rounds``, ``.../bytes_sent`` and ``.../forward_samples`` per agent counted."""
         metrics: dict[str, float] = {}
         for agent_id in sorted(set(self.rounds) | set(self.forward_samples)):
             metrics[f"comm/agent_{agent_id}/rounds"] = float(self.rounds.get(agent_id, 0))
