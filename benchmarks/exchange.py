@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lightning_dimat.communication import state_bytes
 from lightning_dimat.exchange import all_gather_states, exchange_states, plan_exchange
 from lightning_dimat.models import resnet20
 from lightning_dimat.placement import agents_on_rank
@@ -50,7 +51,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     for agent_id in agents_on_rank(args.agents, args.world_size, rank):
         torch.manual_seed(agent_id)
         states[agent_id] = resnet20(width=args.width, num_classes=20).state_dict()
-    state_bytes = sum(t.numel() * t.element_size() for t in next(iter(states.values())).values())
+    size = state_bytes(next(iter(states.values())))
     rows = {}
     for topology in ("ring", "fully_connected"):
         plan = plan_exchange(build_topology(topology, args.agents), args.world_size, rank)
@@ -61,7 +62,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     gathered: list[Any] = [None] * args.world_size
     dist.all_gather_object(gathered, rows)
     if rank == 0:
-        queue.put({"state_mb": state_bytes / 2**20, "per_rank": gathered})
+        queue.put({"state_mb": size / 2**20, "per_rank": gathered})
     dist.destroy_process_group()
 
 

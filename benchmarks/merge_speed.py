@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lightning_dimat.communication import state_bytes
 from lightning_dimat.merge import (
     activation_alignment,
     load_state_in_place,
@@ -221,7 +222,7 @@ def main() -> None:
             " | bound {lower_bound_s:.2f} s | ratio {ratio:.3f}"
         )
         print(template.format(**row), flush=True)
-    model_mb = sum(t.numel() * t.element_size() for t in reference.state_dict().values()) / 2**20
+    model_mb = state_bytes(reference.state_dict()) / 2**20
     result = {
         "benchmark": "merge_speed",
         "setting": f"1 agent + {len(states)} neighbours (N={args.agents}, fully connected)",

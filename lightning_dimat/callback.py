@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -196,11 +196,10 @@ class MergeCallback(Callback):
             pl_module.log(name, float(value), on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
-        gather = self._strategy.all_gather_object if self._strategy is not None else (lambda obj: [obj])
         return {
             "round": self.round,
             "merged_epochs": list(self.merged_epochs),
-            "ledger": gathered_ledger(self.ledger, gather),
+            "ledger": gathered_ledger(self.ledger, self._strategy),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,9 +208,14 @@ class MergeCallback(Callback):
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
 
 
-def gathered_ledger(ledger: CommunicationLedger, gather: Callable[[Any], list[Any]]) -> dict[str, Any]:
-    """The ledger's state with every process's agents (``gather``: an all-gather of Python objects)."""
-    parts = gather(ledger.state_dict())
+def gather_objects(strategy: DIMATStrategy | None, obj: Any) -> list[Any]:
+    """``obj`` from every process (``[obj]`` before ``setup`` has given a callback its strategy)."""
+    return [obj] if strategy is None else strategy.all_gather_object(obj)
+
+
+def gathered_ledger(ledger: CommunicationLedger, strategy: DIMATStrategy | None) -> dict[str, Any]:
+    """The ledger's state with every process's agents (checkpoints are written once, from rank 0)."""
+    parts = gather_objects(strategy, ledger.state_dict())
     return {name: {g: v for part in parts for g, v in part[name].items()} for name in parts[0]}
 
 

@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from lightning_dimat.callback import communication_metrics, detached_state, gathered_ledger
+from lightning_dimat.callback import communication_metrics, detached_state, gather_objects, gathered_ledger
 from lightning_dimat.communication import CommunicationLedger, receivers_of, state_bytes
 from lightning_dimat.merge import load_state_in_place, weighted_state
 from lightning_dimat.strategy import DIMATStrategy
@@ -62,12 +62,6 @@ class _GossipCallback(Callback):
         assert strategy.swarm is not None
         self.ledger.restrict(strategy.swarm.agent_ids)  # a checkpoint holds every process's agents
 
-    def _gather(self, local: Any) -> list[Any]:
-        """``local`` from every process (checkpoints are written from rank 0 with every agent's state)."""
-        if self._strategy_ref is None:
-            return [local]
-        return self._strategy_ref.all_gather_object(local)
-
     @staticmethod
     def _strategy(trainer: Trainer) -> DIMATStrategy:
         strategy = trainer.strategy
@@ -90,7 +84,7 @@ class _GossipCallback(Callback):
             pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "ledger": gathered_ledger(self.ledger, self._gather)}
+        return {"steps": self.steps, "ledger": gathered_ledger(self.ledger, self._strategy_ref)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict["steps"])
@@ -236,7 +230,7 @@ class SGPCallback(_GossipCallback):
             "numerators": {g: {k: t.cpu() for k, t in z.items()} for g, z in self.numerators.items()},
             "push_weights": dict(self.push_weights),
         }
-        gathered = self._gather(local)
+        gathered = gather_objects(self._strategy_ref, local)  # checkpoints are written once, from rank 0
         return {
             **super().state_dict(),
             **{name: {g: v for part in gathered for g, v in part[name].items()} for name in local},

@@ -34,7 +34,7 @@ class History(Callback):
         metrics, epoch = trainer.callback_metrics, trainer.current_epoch + 1
         if self.metric not in metrics or epoch % self.epochs_per_point:  # no fresh validation this epoch
             return
-        agents = sorted(int(k.split("/")[0][6:]) for k in metrics if k.endswith(f"/{self.metric}"))
+        agents = sorted(_agent_order(k) for k in metrics if k.endswith(f"/{self.metric}"))
         point: dict[str, Any] = {
             "epoch": epoch,
             "iteration": epoch / self.epochs_per_point,
