@@ -1,12 +1,25 @@
-"""Pieces shared by the benchmark scripts: an epoch clock and a quiet Trainer."""
+"""Pieces shared by the benchmark scripts: an epoch clock, a quiet Trainer, ``--smoke`` and ``--output``."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+RESULTS = Path(__file__).parent / "results"
+
+SMOKE_HELP = (
+    "tiny sizes on the CPU (seconds, 1 repeat, random data where the real data would be slow): checks that "
+    "the benchmark runs, its numbers mean nothing; saves to a temporary file unless --output is given"
+)
 
 
 class EpochClock(Callback):
@@ -41,3 +54,43 @@ def quiet_trainer(accelerator: str, epochs: int, callbacks: list[Callback], **op
         "callbacks": callbacks,
     }
     return Trainer(**{**defaults, **options})
+
+
+def parse_args(
+    parser: argparse.ArgumentParser, smoke: Mapping[str, Any], argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """Adds ``--smoke`` and ``--output`` to ``parser`` and parses; ``--smoke`` swaps in ``smoke``'s defaults.
+
+    Options given on the command line win over the smoke defaults, so ``--smoke --repeats 2`` repeats twice.
+    A smoke run also uses one torch thread: its tensors are too small to gain from more, and on a busy
+    machine idle-spinning threads slow tiny convolutions down tenfold. ``args.output`` stays ``None`` unless
+    given: see :func:`output_path`.
+    """
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    parser.add_argument("--output", type=Path, default=None, help="where to save the JSON")
+    known, _ = parser.parse_known_args(argv)
+    if known.smoke:
+        parser.set_defaults(**smoke)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        torch.set_num_threads(1)
+    return args
+
+
+def output_path(args: argparse.Namespace, default: Path, name: str) -> Path:
+    """``--output`` if given; else a new temporary file for a smoke run (committed results stay untouched),
+    else ``default``."""
+    if args.output is not None:
+        return Path(args.output)
+    if args.smoke:
+        handle, path = tempfile.mkstemp(prefix=f"{name}_smoke_", suffix=".json")
+        os.close(handle)  # a unique name; save_json fills the file
+        return Path(path)
+    return default
+
+
+def save_json(result: Mapping[str, Any], path: Path) -> None:
+    """Writes ``result`` as indented JSON to ``path`` (creating its folder) and says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"saved {path}", flush=True)

@@ -1,17 +1,19 @@
 """Merge quality: two ResNet-20s trained independently (different seeds) on Tiny ImageNet (20 classes) at
 32×32, then test accuracy and loss along the interpolation path θ(α) = (1 − α) θ_A + α P θ_B for
 α = 0, .25, .5, .75, 1, with P from plain averaging (P = I), weight matching and activation matching,
-each with and without BatchNorm re-estimation at every α. Saves JSON and PNG in ``benchmarks/results/``.
+each with and without BatchNorm re-estimation at every α. P is found once per method by the library's
+matcher; every θ(α) is then the library's ``combine`` (permute + weighted sum). Saves JSON and PNG in
+``benchmarks/results/`` (or at ``--output`` and beside it).
 
     python benchmarks/merge_quality.py --width 1 --epochs 30          # CPU, ~30 min here
     python benchmarks/merge_quality.py --width 4 --epochs 40 --device cuda
+    python benchmarks/merge_quality.py --smoke      # seconds: random 8×8 images, 1 epoch, meaningless numbers
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -19,15 +21,32 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, output_path, parse_args, save_json
 
 from lightning_dimat.data import TinyImageNetDataModule
-from lightning_dimat.merge import align, load_state_in_place, recompute_batchnorm, weighted_state
+from lightning_dimat.merge import (
+    combine,
+    load_state_in_place,
+    matcher_spec,
+    recompute_batchnorm,
+    resolve_matcher,
+)
 from lightning_dimat.models import resnet20
 
-RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny-imagenet-20.zip"
 METHODS = ("average", "weight", "activation")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SMOKE = {
+    "data": None,
+    "width": 1,
+    "epochs": 1,
+    "batch_size": 16,
+    "image_size": 8,
+    "calibration_images": 16,
+    "device": "cpu",
+    "train_images": 32,
+    "test_images": 16,
+}
 
 
 def load_split(path: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +57,13 @@ def load_split(path: Path, split: str, size: int) -> tuple[torch.Tensor, torch.T
     loader = torch.utils.data.DataLoader(dataset, batch_size=500, num_workers=2)
     images, labels = zip(*loader, strict=True)
     return torch.cat(images), torch.cat(labels)
+
+
+def random_split(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random images with random labels of the 20 classes (for ``--smoke``: nothing to learn)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, size, size, generator=generator)
+    return images, torch.randint(20, (count,), generator=generator)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -101,18 +127,19 @@ def evaluate(
 
 def interpolation_curves(a, b, train_images, test_images, test_labels, args) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     calibration = [(x.to(args.device), None) for x in train_images[: args.calibration_images].split(250)]
+    states = [a.state_dict(), b.state_dict()]
     curves: dict[str, Any] = {}
     for method in METHODS:
         started = time.perf_counter()
-        aligned = align(a, b, method=method, data=calibration)
+        matcher = resolve_matcher(method)
+        spec = matcher_spec(matcher, a, calibration)
+        permutations = matcher.match(a, states[1:], calibration, spec=spec)  # P for B, in A's basis
         align_seconds = time.perf_counter() - started
         for reset in (False, True):
             points = []
             for alpha in ALPHAS:
                 model = copy.deepcopy(a)
-                load_state_in_place(
-                    model, weighted_state([a.state_dict(), aligned.state_dict()], [1 - alpha, alpha])
-                )
+                load_state_in_place(model, combine(states, [1 - alpha, alpha], permutations, spec))
                 if reset:
                     recompute_batchnorm(model, calibration)
                 points.append({"alpha": alpha, **evaluate(model, test_images, test_labels, args.device)})
@@ -169,21 +196,37 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=2000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: cpu/gpu + width)")
-    args = parser.parse_args()
-    if not args.data.exists():
-        raise SystemExit(f"{args.data} does not exist: pass --data path/to/tiny-imagenet-20.zip")
+    parser.add_argument("--train-images", type=int, default=0, help="first n training images (0: all)")
+    parser.add_argument("--test-images", type=int, default=0, help="first n test images (0: all)")
+    args = parse_args(parser, SMOKE)
+    tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_w{args.width}"
+    output = output_path(args, RESULTS / f"merge_quality_{tag}.json", "merge_quality")
     started = time.perf_counter()
-    train_images, train_labels = load_split(args.data, "train", args.image_size)
+    if args.data is None:  # (--smoke) random images stand in for Tiny ImageNet
+        train_images, train_labels = random_split(args.train_images or 32, args.image_size, seed=0)
+        test_images, test_labels = random_split(args.test_images or 16, args.image_size, seed=1)
+        source = "random images and labels (smoke run)"
+    elif args.data.exists():
+        train_images, train_labels = load_split(args.data, "train", args.image_size)
+        test_images, test_labels = load_split(args.data, "val", args.image_size)
+        source = "tiny-imagenet-20 (10,000 train / 1,000 test images, 20 classes)"
+    else:
+        raise SystemExit(f"{args.data} does not exist: pass --data path/to/tiny-imagenet-20.zip")
+    if args.train_images:
+        train_images, train_labels = train_images[: args.train_images], train_labels[: args.train_images]
+    if args.test_images:
+        test_images, test_labels = test_images[: args.test_images], test_labels[: args.test_images]
     train_images, train_labels = train_images.to(args.device), train_labels.to(args.device)
-    test_images, test_labels = load_split(args.data, "val", args.image_size)
     a = train(0, train_images, train_labels, args)
     b = train(1, train_images, train_labels, args)
     curves = interpolation_curves(a, b, train_images, test_images, test_labels, args)
-    tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_w{args.width}"
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     result = {
         "benchmark": "merge_quality",
-        "data": "tiny-imagenet-20 (10,000 train / 1,000 test images, 20 classes)",
+        "smoke": args.smoke,
+        "data": source,
+        "train_images": len(train_images),
+        "test_images": len(test_images),
         "image_size": args.image_size,
         "model": f"resnet20 width {args.width} (1x1 conv shortcuts)",
         "epochs": args.epochs,
@@ -193,14 +236,12 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
         "curves": curves,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"merge_quality_{tag}.json").write_text(json.dumps(result, indent=2))
-    plot(
-        curves,
-        RESULTS / f"merge_quality_{tag}.png",
-        f"ResNet-20 ×{args.width}, Tiny ImageNet-20 at 32×32 ({device_name})",
-    )
-    print(f"saved {RESULTS / f'merge_quality_{tag}.json'} and .png")
+    save_json(result, output)
+    picture = output.with_suffix(".png")
+    data_name = "random images" if args.data is None else "Tiny ImageNet-20"
+    size = f"{args.image_size}×{args.image_size}"
+    plot(curves, picture, f"ResNet-20 ×{args.width}, {data_name} at {size} ({device_name})")
+    print(f"saved {picture}")
 
 
 if __name__ == "__main__":

@@ -6,20 +6,19 @@ Prints and saves (``benchmarks/results/overhead.json``) the median throughput ra
 ``ratio = images/s with DIMATStrategy / images/s of the plain runs`` (goal: >= 0.95).
 
     python benchmarks/overhead.py --repeats 5 --model small_cnn
+    python benchmarks/overhead.py --smoke          # seconds: 2 agents, 1 epoch on 128 images, 1 repeat
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import EpochClock, quiet_trainer
+from common import RESULTS, EpochClock, output_path, parse_args, quiet_trainer, save_json
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -27,7 +26,7 @@ from lightning_dimat import DIMATStrategy, partition
 from lightning_dimat.data import DigitsDataModule
 from lightning_dimat.models import ImageClassifier
 
-RESULTS = Path(__file__).parent / "results"
+SMOKE = {"agents": 2, "epochs": 1, "repeats": 1, "train_images": 128}
 
 
 def _trainer(clock: EpochClock, epochs: int, **options: Any) -> Trainer:
@@ -80,13 +79,16 @@ def main() -> None:
     parser.add_argument("--model", choices=["mlp", "small_cnn"], default="small_cnn")
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "overhead.json")
-    args = parser.parse_args()
+    parser.add_argument("--train-images", type=int, default=0, help="first n training images (0: all)")
+    args = parse_args(parser, SMOKE)
+    output = output_path(args, RESULTS / "overhead.json", "overhead")
     torch.set_num_threads(args.threads)
     seed_everything(0, verbose=False)
     data = DigitsDataModule()
     data.setup("fit")
     train = data.train_set
+    if args.train_images:
+        train = TensorDataset(*(tensor[: args.train_images] for tensor in train.tensors))
     images = len(train) * args.epochs
 
     run_dimat(train, args)  # warm-up (imports, allocator, first-call costs) for both sides
@@ -105,11 +107,13 @@ def main() -> None:
         )
     result = {
         "benchmark": "overhead",
+        "smoke": args.smoke,
         "agents": args.agents,
         "epochs": args.epochs,
         "model": args.model,
         "batch_size": args.batch_size,
         "partition": args.partition,
+        "train_images": len(train),
         "images_per_run": images,
         "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} CPUs)",
@@ -120,9 +124,7 @@ def main() -> None:
         "median_ratio": statistics.median(row["ratio"] for row in rows),
     }
     print(f"median throughput ratio (DIMAT / plain): {result['median_ratio']:.3f}  (goal >= 0.95)")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"saved {args.output}")
+    save_json(result, output)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,27 @@ Examples:
     >>> from lightning.pytorch import Trainer
     >>> from lightning_dimat import DIMATStrategy, MergeCallback
     >>> strategy = DIMATStrategy(topology="ring")
-    >>> trainer = Trainer(strategy=strategy, callbacks=[MergeCallback()])  # doctest: +SKIP
+    >>> trainer = Trainer(strategy=strategy, callbacks=[MergeCallback()], logger=False)
+    >>> trainer.strategy.num_agents
+    5
 """
 
-from lightning_dimat.callback import MergeCallback
-from lightning_dimat.communication import CommunicationLedger
-from lightning_dimat.gossip import CDSGDCallback, SGPCallback
-from lightning_dimat.merge import MERGE_METHODS, align, merge, recompute_batchnorm, register_merge_method
+from lightning_dimat.callbacks import AgentReport, CDSGDCallback, MergeCallback, SGPCallback
+from lightning_dimat.comm import CommunicationLedger
+from lightning_dimat.merge import (
+    MATCHERS,
+    ActivationMatcher,
+    AverageMatcher,
+    Matcher,
+    WeightMatcher,
+    align,
+    merge,
+    recompute_batchnorm,
+    register_matcher,
+)
 from lightning_dimat.partition import PARTITIONS, partition, register_partition
 from lightning_dimat.permutation import PermutationSpec, permutation_spec
 from lightning_dimat.permutation.verify import check_spec
-from lightning_dimat.report import AgentReport
 from lightning_dimat.strategy import DIMATStrategy
 from lightning_dimat.swarm import AgentSwarm
 from lightning_dimat.topology import GRAPHS, MIXING_RULES, Topology, build_topology, register_topology
@@ -23,18 +33,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GRAPHS",
-    "MERGE_METHODS",
+    "MATCHERS",
     "MIXING_RULES",
     "PARTITIONS",
+    "ActivationMatcher",
     "AgentReport",
     "AgentSwarm",
+    "AverageMatcher",
     "CDSGDCallback",
     "CommunicationLedger",
     "DIMATStrategy",
+    "Matcher",
     "MergeCallback",
     "PermutationSpec",
     "SGPCallback",
     "Topology",
+    "WeightMatcher",
     "align",
     "build_topology",
     "check_spec",
@@ -42,7 +56,7 @@ __all__ = [
     "partition",
     "permutation_spec",
     "recompute_batchnorm",
-    "register_merge_method",
+    "register_matcher",
     "register_partition",
     "register_topology",
 ]

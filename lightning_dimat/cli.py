@@ -1,14 +1,13 @@
-"""The ``lightning-dimat`` command: Lightning's CLI with the package imported (so ``strategy: dimat`` and
-every registry name resolve) and an optional test run right after ``fit``.
+"""Lightning's CLI with the package imported (so ``strategy: dimat`` and every registry name resolve) and an
+optional test run right after ``fit``. The console command itself is :mod:`lightning_dimat.console`.
 
-Examples:
-    lightning-dimat fit --config configs/quickstart.yaml
-    lightning-dimat experiment configs/cpu/grid.yaml --jobs 2
+In Python (what ``lightning-dimat fit --config configs/quickstart.yaml`` runs)::
+
+    cli = build_cli(["fit", "--config", "configs/quickstart.yaml"])
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -44,18 +43,3 @@ def build_cli(args: Any = None, run: bool = True) -> DIMATCLI:
         args=args,
         run=run,
     )
-
-
-def main(args: Any = None) -> None:
-    """Entry point of the ``lightning-dimat`` console script (``experiment`` runs an experiment grid)."""
-    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
-    if argv and argv[0] == "experiment":
-        from lightning_dimat.experiment import main as experiment_main
-
-        experiment_main(argv[1:])
-        return
-    build_cli(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from lightning_dimat.registry import Registry
+from lightning_dimat.validation import check_int
 
 __all__ = [
     "PARTITIONS",
@@ -130,10 +131,8 @@ def dirichlet(
     alpha = float(alpha)
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"The dirichlet partition needs a finite alpha > 0, got alpha={alpha}.")
-    if min_size < 0 or max_tries < 1:
-        raise ValueError(
-            f"Need min_size >= 0 and max_tries >= 1, got min_size={min_size}, max_tries={max_tries}."
-        )
+    min_size = check_int("min_size", min_size, minimum=0, hint="the fewest samples an agent may get")
+    max_tries = check_int("max_tries", max_tries, minimum=1, hint="how many draws before giving up")
     if min_size * num_agents > len(labels):
         raise ValueError(
             f"dirichlet with min_size={min_size} needs {min_size * num_agents} samples for {num_agents} "
@@ -169,8 +168,9 @@ def shards(
         >>> [len(s) for s in shards_]
         [10, 10]
     """
-    if shards_per_agent < 1:
-        raise ValueError(f"shards_per_agent must be >= 1, got {shards_per_agent}.")
+    shards_per_agent = check_int(
+        "shards_per_agent", shards_per_agent, minimum=1, hint="label-sorted shards dealt to each agent"
+    )
     order = rng.permutation(len(labels))
     order = order[np.argsort(labels[order], kind="stable")]
     pieces = np.array_split(order, num_agents * shards_per_agent)
@@ -245,8 +245,9 @@ def partition(
         [[0, 2], [1, 3]]
     """
     fn = PARTITIONS.get(scheme)
-    if isinstance(num_agents, bool) or not isinstance(num_agents, int | np.integer) or num_agents < 2:
-        raise ValueError(f"num_agents must be an integer >= 2, got {num_agents!r}.")
+    num_agents = check_int(
+        "num_agents", num_agents, minimum=2, hint="DIMAT needs at least 2 agents, one shard each"
+    )
     labels = _to_numpy(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"labels must be a non-empty 1-D array of class labels, got shape {labels.shape}.")
@@ -256,7 +257,7 @@ def partition(
             f"Use at most {len(labels)} agents."
         )
     shards = _check_is_partition(
-        fn(labels, int(num_agents), np.random.default_rng(seed), **options), len(labels), num_agents, scheme
+        fn(labels, num_agents, np.random.default_rng(seed), **options), len(labels), num_agents, scheme
     )
     empty = [agent for agent, s in enumerate(shards) if s.size == 0]
     if empty:

@@ -86,7 +86,8 @@ def main() -> None:
         torch.save({"exported": exported, "metrics": dict(trainer.callback_metrics)}, args.output)
         return
     states = strategy.agent_states()
-    sent = strategy.all_gather_object(strategy.last_exchange_bytes)
+    merge = next((c for c in trainer.callbacks if isinstance(c, MergeCallback)), None)
+    sent = strategy.all_gather_object(merge.last_bytes_sent if merge is not None else 0)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.global_rank == 0:
         torch.save({"states": states, "sent": sent, "metrics": metrics, "exported": exported}, args.output)

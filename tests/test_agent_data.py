@@ -12,16 +12,16 @@ from helpers import BlobsData, TinyNet, make_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dimat import DIMATStrategy
-from lightning_dimat.agent_data import (
+from lightning_dimat.comm.placement import agents_on_rank, rank_of_agent
+from lightning_dimat.registry import Registry
+from lightning_dimat.swarm import (
     AgentBatch,
     AgentLoader,
+    AgentRandomStreams,
     ShardSampler,
     batches_per_epoch,
     clone_for_shard,
 )
-from lightning_dimat.agent_rng import AgentRandomStreams
-from lightning_dimat.placement import agents_on_rank, rank_of_agent
-from lightning_dimat.registry import Registry
 
 
 def test_shard_sampler_reshuffles_per_epoch_deterministically() -> None:

@@ -11,8 +11,8 @@ from helpers import BlobsData, TinyNet, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_dimat import MERGE_METHODS, DIMATStrategy, MergeCallback
-from lightning_dimat.merge import weighted_state
+from lightning_dimat import DIMATStrategy, MergeCallback
+from lightning_dimat.merge import combine, matcher_spec, resolve_matcher
 
 
 class _Snapshots(Callback):
@@ -208,8 +208,15 @@ def test_each_agent_merges_its_neighbours_aligned_by_the_method_on_its_own_data(
         reference = copy.deepcopy(agent)
         reference.load_state_dict(before[agent_id])
         data = list(strategy.local_batches(agent_id, 2))  # the same two batches the merge used
-        aligned = MERGE_METHODS.get(method)(reference, [before[j] for j in neighbours], data)
-        expected = weighted_state([before[agent_id], *aligned], [weights[j] for j in [agent_id, *neighbours]])
+        matcher = resolve_matcher(method)
+        spec = matcher_spec(matcher, reference, data)
+        found = matcher.match(reference, [before[j] for j in neighbours], data, spec=spec)
+        expected = combine(
+            [before[j] for j in [agent_id, *neighbours]],
+            [weights[j] for j in [agent_id, *neighbours]],
+            found,
+            spec,
+        )
         for name, parameter in agent.named_parameters():  # (BatchNorm buffers were re-estimated)
             assert torch.allclose(parameter, expected[name], atol=1e-6), (method, agent_id, name)
     assert float(trainer.callback_metrics["merge/round"]) == 1.0

@@ -67,3 +67,32 @@ def test_resuming_with_another_number_of_agents_is_refused(tmp_path: Path) -> No
     trainer = make_trainer(strategy=DIMATStrategy(num_agents=4, partition="by_class"), max_epochs=2)
     with pytest.raises(ValueError, match=r"holds agents \[0, 1, 2\] but this run has num_agents=4"):
         trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=_checkpoint(tmp_path, 0))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_checkpoint_written_by_version_0_1_resumes_to_the_weights_version_0_1_reached(
+    tmp_path: Path,
+) -> None:
+    """``fixtures/`` holds a checkpoint written by the package before its restructuring into layered
+    packages (3 agents, ring, activation merges, epoch 2) and the agents that version reached resuming it to
+    epoch 4: the current code must load it and reach the same agents."""
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class"),
+        callbacks=[MergeCallback(every_n_epochs=2, method="activation", num_batches=2)],
+        max_epochs=4,
+    )
+    trainer.fit(
+        TinyNet(momentum=0.9, dropout=0.3),
+        datamodule=BlobsData(),
+        ckpt_path=FIXTURES / "dimat_v0_1_epoch2.ckpt",
+    )
+    expected = torch.load(FIXTURES / "dimat_v0_1_resumed_epoch4.pt", weights_only=True)
+    actual = agent_states(trainer)
+    assert sorted(actual) == sorted(expected) == [0, 1, 2]
+    for agent_id in expected:
+        for key in expected[agent_id]:
+            assert torch.equal(expected[agent_id][key], actual[agent_id][key]), (agent_id, key)
+    merge = next(c for c in trainer.callbacks if isinstance(c, MergeCallback))
+    assert merge.merged_epochs == [1, 3] and merge.round == 2

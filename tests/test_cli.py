@@ -9,7 +9,8 @@ import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from lightning_dimat import DIMATStrategy, MergeCallback
-from lightning_dimat.cli import build_cli, main
+from lightning_dimat.cli import build_cli
+from lightning_dimat.console import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # The quick-start configs and their overlays (experiment grids and their bases: tests/test_configs.py).
@@ -64,3 +65,31 @@ def test_every_config_parses_and_instantiates(config: Path, tmp_cwd: Path) -> No
     assert isinstance(cli.model, LightningModule) and isinstance(cli.datamodule, LightningDataModule)
     if "local_only" not in config.name:
         assert any(isinstance(callback, MergeCallback) for callback in cli.trainer.callbacks)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("weight", {"max_iterations": 100, "seed": 0, "identity_bias": 0.0}),
+        (
+            '{"class_path": "lightning_dimat.WeightMatcher", "init_args": {"max_iterations": 7}}',
+            {"max_iterations": 7, "seed": 0, "identity_bias": 0.0},
+        ),
+        (
+            '{"class_path": "lightning_dimat.ActivationMatcher", "init_args": {"identity_bias": 0.25}}',
+            {"identity_bias": 0.25},
+        ),
+    ],
+)
+def test_yaml_names_a_matcher_or_configures_its_options(method: str, expected: dict, tmp_cwd: Path) -> None:
+    import dataclasses
+
+    overlay = tmp_cwd / "matcher.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_dimat.MergeCallback\n"
+        f"      init_args: {{every_n_epochs: 2, method: {method}}}\n"
+    )
+    args = ["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(overlay)]
+    cli = build_cli(args, run=False)
+    (merge,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, MergeCallback)]
+    assert dataclasses.asdict(merge.matcher) == expected

@@ -45,7 +45,7 @@ GRID = {
         "cdsgd": {
             "label": "CDSGD",
             "model": {"optimizer": "sgd"},
-            "callbacks": [{"class_path": "lightning_dimat.gossip.CDSGDCallback"}],
+            "callbacks": [{"class_path": "lightning_dimat.CDSGDCallback"}],
         },
     },
     "grids": [

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dimat import DIMATStrategy, MergeCallback
-from lightning_dimat.gossip import CDSGDCallback, SGPCallback, column_stochastic
+from lightning_dimat.callbacks import CDSGDCallback, SGPCallback
+from lightning_dimat.topology import column_stochastic
 
 NUM_AGENTS = 4
 TARGETS = torch.tensor([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0], [0.0, -3.0]], dtype=torch.float64)

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from lightning_dimat import (
-    MERGE_METHODS,
+    Matcher,
     align,
     build_topology,
     merge,
     recompute_batchnorm,
-    register_merge_method,
+    register_matcher,
 )
-from lightning_dimat.merge import load_state_in_place, weighted_state
+from lightning_dimat.merge import load_state_in_place, merge_into_basis, resolve_matcher, weighted_state
 
 
 def _net(seed: int) -> nn.Sequential:
@@ -35,9 +35,14 @@ def _merge_round(states: dict[int, dict[str, torch.Tensor]], mixing: np.ndarray)
     merged = {}
     for i in states:
         weights = topology.weights(i)
-        order = sorted(weights)
-        aligned = MERGE_METHODS.get("average")(_net(0), [states[j] for j in order], None)
-        merged[i] = weighted_state(aligned, [weights[j] for j in order])
+        neighbours = sorted(j for j in weights if j != i)
+        merged[i], _ = merge_into_basis(
+            _net(0),
+            states[i],
+            [states[j] for j in neighbours],
+            [weights[j] for j in [i, *neighbours]],
+            resolve_matcher("average"),
+        )
     return merged
 
 
@@ -161,9 +166,12 @@ def test_unknown_method_and_missing_data_are_refused() -> None:
     with pytest.raises(ValueError, match=r"Unknown merge method 'activations'"):
         merge([_net(1), _net(2)], method="activations")
 
-    @register_merge_method("needs_data_for_test", requires_data=True)
-    def needs_data(reference, states, data):  # pragma: no cover - never called
-        return list(states)
+    @register_matcher("needs_data_for_test")
+    class NeedsData(Matcher):
+        requires_data = True
+
+        def match(self, reference, states, data=None, **_):  # pragma: no cover - never called
+            return [{} for _ in states]
 
     with pytest.raises(ValueError, match="needs `data=`"):
         merge([_net(1), _net(2)], method="needs_data_for_test")

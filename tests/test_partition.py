@@ -187,6 +187,20 @@ def test_dirichlet_rejects_bad_alpha(alpha: float | None) -> None:
         partition(BALANCED, 4, "dirichlet", **options)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_size": -1}, r"min_size must be an integer >= 0 \(.*\), got -1\."),
+        ({"min_size": 2.5}, r"min_size must be an integer >= 0 \(.*\), got 2\.5\."),
+        ({"max_tries": 0}, r"max_tries must be an integer >= 1 \(.*\), got 0\."),
+        ({"max_tries": True}, r"max_tries must be an integer >= 1 \(.*\), got True\."),
+    ],
+)
+def test_dirichlet_rejects_bad_integer_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        partition(BALANCED, 4, "dirichlet", alpha=1.0, **options)
+
+
 def test_dirichlet_rejects_an_impossible_min_size() -> None:
     with pytest.raises(ValueError, match=r"min_size=200"):
         partition(BALANCED, 4, "dirichlet", alpha=1.0, min_size=200)
@@ -236,9 +250,11 @@ def test_each_agent_gets_shards_per_agent_label_contiguous_shards(
     assert not unused
 
 
-def test_shards_rejects_bad_shards_per_agent() -> None:
-    with pytest.raises(ValueError, match="shards_per_agent"):
-        partition(BALANCED, 4, "shards", shards_per_agent=0)
+@pytest.mark.parametrize("shards_per_agent", [0, -1, 1.5, True, "2"])
+def test_shards_rejects_bad_shards_per_agent(shards_per_agent: Any) -> None:
+    message = rf"shards_per_agent must be an integer >= 1 \(.*\), got {shards_per_agent!r}\."
+    with pytest.raises(ValueError, match=message):
+        partition(BALANCED, 4, "shards", shards_per_agent=shards_per_agent)
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -251,10 +267,18 @@ def test_unknown_scheme_lists_the_known_ones() -> None:
         partition(BALANCED, 4, "nope")
 
 
-@pytest.mark.parametrize("num_agents", [1, 0, -3, 2.5, True])
+@pytest.mark.parametrize("num_agents", [1, 0, -3, 2.5, True, "4", None])
 def test_num_agents_must_be_at_least_two(num_agents: Any) -> None:
-    with pytest.raises(ValueError, match="num_agents"):
+    with pytest.raises(ValueError, match=rf"num_agents must be an integer >= 2 \(.*\), got {num_agents!r}\."):
         partition(BALANCED, num_agents)
+
+
+def test_num_agents_may_be_a_numpy_integer() -> None:
+    expected = partition(BALANCED, 4, "iid", seed=5)
+    shards = partition(BALANCED, np.int64(4), "iid", seed=5)
+    assert len(shards) == 4
+    for got, want in zip(shards, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_num_agents_cannot_exceed_the_number_of_samples() -> None:

@@ -6,25 +6,33 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import Tensor, nn
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, fx, nn
 
 from lightning_dimat import align, merge, recompute_batchnorm
 from lightning_dimat.models import resnet20, resnet50, vgg16
 from lightning_dimat.permutation import (
     PermutationSpec,
     UnsupportedModelError,
+    compose,
+    identity_permutations,
     invert,
+    invert_permutations,
+    match_activations,
+    match_weights,
     permutation_spec,
     permute_optimizer_state,
     permute_state,
     random_permutations,
+    register_op_rule,
+    solve_assignment,
 )
-from lightning_dimat.permutation.activation import match_activations
+from lightning_dimat.permutation.context import TraceContext, Tracked
 from lightning_dimat.permutation.verify import SpecMismatchError, check_spec
-from lightning_dimat.permutation.weight import match_weights
 
 
 def _mlp() -> nn.Module:
@@ -431,3 +439,205 @@ def test_weight_matching_handles_a_group_on_two_axes_of_one_tensor() -> None:
     assert spec.axes["shared.weight"][0] == spec.axes["shared.weight"][1]
     permuted, truth = _permuted_copy(model, spec)
     _assert_recovers(match_weights(spec, model.state_dict(), permuted.state_dict()), truth)
+
+
+# ------------------------------------------------------------------------------- composing permutations
+
+
+def _assert_same_permutations(found: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    assert found.keys() == expected.keys()
+    for group, permutation in expected.items():
+        assert torch.equal(found[group], permutation), group
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet20"])
+def test_compose_with_the_inverse_is_the_identity(name: str) -> None:
+    build, shape = MODELS[name]
+    spec = permutation_spec(build(), torch.randn(2, *shape))
+    permutations = random_permutations(spec, torch.Generator().manual_seed(0))
+    inverse = invert_permutations(permutations)
+    _assert_same_permutations(compose(permutations, inverse), identity_permutations(spec))
+    _assert_same_permutations(compose(inverse, permutations), identity_permutations(spec))
+    _assert_same_permutations(compose(permutations, {}), permutations)  # missing groups: the identity
+    _assert_same_permutations(compose({}, permutations), permutations)
+    for group, permutation in permutations.items():
+        assert torch.equal(inverse[group], invert(permutation)), group
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet20"])
+def test_permuting_twice_is_permuting_by_the_composition(name: str) -> None:
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    spec = permutation_spec(model, torch.randn(2, *shape))
+    generator = torch.Generator().manual_seed(1)
+    first, second = random_permutations(spec, generator), random_permutations(spec, generator)
+    del second[next(iter(second))]  # a group missing from one side is the identity there
+    state = model.state_dict()
+    twice = permute_state(permute_state(state, spec, first), spec, second)
+    once = permute_state(state, spec, compose(first, second))
+    undone = permute_state(permute_state(state, spec, first), spec, invert_permutations(first))
+    assert any(not torch.equal(twice[key], state[key]) for key in spec.axes)
+    for key, value in state.items():
+        assert torch.equal(twice[key], once[key]), key
+        assert torch.equal(undone[key], value), key
+
+
+def test_compose_refuses_permutations_of_different_lengths() -> None:
+    with pytest.raises(ValueError, match=r"group 'h'.*3 and 4 units"):
+        compose({"h": torch.arange(3)}, {"h": torch.arange(4)})
+
+
+# ------------------------------------------------------------------------------------ assignment solver
+
+
+def _scipy_assignment(score: Tensor) -> Tensor:
+    """The solver as it was before ``prior`` and ``identity_bias``: SciPy on the float64 scores."""
+    rows, columns = linear_sum_assignment(score.numpy().astype(np.float64), maximize=True)
+    permutation = torch.empty(len(rows), dtype=torch.long)
+    permutation[torch.as_tensor(rows)] = torch.as_tensor(columns)
+    return permutation
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solver_without_bias_or_prior_is_the_plain_assignment(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    continuous = torch.randn(12, 12, generator=generator)
+    tied = torch.randint(0, 3, (12, 12), generator=generator).float()  # many optimal permutations
+    for score in (continuous, tied, continuous.double()):
+        expected = _scipy_assignment(score)
+        assert torch.equal(solve_assignment(score), expected)
+        assert torch.equal(solve_assignment(score, None, 0.0), expected)
+        assert torch.equal(solve_assignment(score, torch.zeros_like(score)), expected)
+
+
+def test_a_large_identity_bias_returns_the_identity_and_a_small_one_only_breaks_close_calls() -> None:
+    score = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(solve_assignment(score), torch.arange(16))
+    assert torch.equal(solve_assignment(score, identity_bias=1e6), torch.arange(16))
+    swap = torch.tensor([[0.0, 0.5], [0.5, 0.0]])  # swapping gains 1.0 over keeping both units (2λ)
+    assert torch.equal(solve_assignment(swap, identity_bias=0.4), torch.tensor([1, 0]))
+    assert torch.equal(solve_assignment(swap, identity_bias=0.6), torch.tensor([0, 1]))
+    assert torch.equal(score, torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))  # untouched
+
+
+def test_a_prior_shifts_the_assignment() -> None:
+    generator = torch.Generator().manual_seed(0)
+    score = torch.randn(10, 10, generator=generator)
+    wanted = torch.randperm(10, generator=generator)
+    prior = torch.zeros(10, 10)
+    prior[torch.arange(10), wanted] = 100.0
+    assert torch.equal(solve_assignment(score, prior), wanted)
+    small = torch.randn(10, 10, generator=generator)
+    assert torch.equal(solve_assignment(score, small), _scipy_assignment(score + small))
+
+
+def test_solver_inputs_are_checked_with_clear_messages() -> None:
+    score = torch.randn(4, 4)
+    for bad in (float("nan"), float("inf")):
+        broken = score.clone()
+        broken[1, 2] = bad
+        with pytest.raises(ValueError, match=r"NaN or inf: the activations/weights"):
+            solve_assignment(broken)
+    with pytest.raises(ValueError, match=r"square.*\(4, 3\)"):
+        solve_assignment(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"prior has shape \(3, 3\).*\(4, 4\)"):
+        solve_assignment(score, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"prior contains NaN"):
+        solve_assignment(score, torch.full((4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"identity_bias must be a finite"):
+        solve_assignment(score, identity_bias=float("inf"))
+
+
+def test_matching_diverged_weights_names_the_problem() -> None:
+    model, x = _warm_model("mlp")
+    broken = {key: value.clone() for key, value in model.state_dict().items()}
+    broken["4.weight"][0, 0] = float("nan")
+    spec = permutation_spec(model, x[:2])
+    with pytest.raises(ValueError, match=r"activations/weights .*contain NaN or inf"):
+        match_weights(spec, model.state_dict(), broken)
+    with pytest.raises(ValueError, match=r"activations/weights .*contain NaN or inf"):
+        match_activations(spec, model, [broken], [x])
+
+
+def test_a_large_identity_bias_keeps_both_matchings_at_the_identity() -> None:
+    model, x = _warm_model("resnet20")
+    spec = permutation_spec(model, x[:2])
+    permuted, truth = _permuted_copy(model, spec)
+    identity = identity_permutations(spec)
+    _assert_same_permutations(
+        match_weights(spec, model.state_dict(), permuted.state_dict(), identity_bias=1e9), identity
+    )
+    (found,) = match_activations(spec, model, [permuted.state_dict()], [x], identity_bias=10.0)
+    _assert_same_permutations(found, identity)  # correlations are at most 1
+    _assert_recovers(match_weights(spec, model.state_dict(), permuted.state_dict(), identity_bias=0.0), truth)
+
+
+# --------------------------------------------------------------------------------------- user op rules
+
+
+class _SwishFunction(torch.autograd.Function):
+    """x·σ(x) with a hand-written backward (a memory-saving Swish): opaque to the tracer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        gate = torch.sigmoid(x)
+        return grad * gate * (1 + x * (1 - gate))
+
+
+class _Swish(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return _SwishFunction.apply(x)
+
+
+class _UnregisteredSwish(_Swish):
+    pass
+
+
+@register_op_rule(_Swish)
+def _swish_rule(ctx: TraceContext, node: fx.Node) -> Tracked | None:
+    return ctx.tracked(node.args[0])  # element-wise: every channel stays where it is
+
+
+def _swish_net(activation: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), activation(),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), activation(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12 * 4, 5),
+    )  # fmt: skip
+
+
+def test_a_registered_rule_makes_a_custom_module_traceable() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.raises(UnsupportedModelError, match=r"custom autograd function _SwishFunction\.apply"):
+        permutation_spec(_swish_net(_UnregisteredSwish), x[:2])  # a subclass is traced into, not matched
+    model = _swish_net(_Swish).eval()
+    recompute_batchnorm(model, [x])
+    spec = permutation_spec(model, x[:2])
+    assert spec.group_sizes == {"0": 8, "3": 12}
+    assert [node.target for node in spec.graph.nodes if node.op == "call_module"][2] == "2"  # kept whole
+    check_spec(model, spec, x, tolerance=1e-9)
+    permuted, truth = _permuted_copy(model, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-4, rtol=0)
+    (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
+    _assert_recovers(found, truth)
+
+
+def test_op_rules_are_registered_carefully() -> None:
+    with pytest.raises(ValueError, match=r"already registered.*override=True"):
+        register_op_rule(_Swish)(_swish_rule)
+    with pytest.raises(TypeError, match=r"class, _Swish, not an instance"):
+        register_op_rule(_Swish())
+    with pytest.raises(TypeError, match=r"at least one"):
+        register_op_rule()
+    with pytest.raises(TypeError, match=r"module class, a function or a method name"):
+        register_op_rule(3)  # type: ignore[arg-type]
+    assert register_op_rule(_Swish, override=True)(_swish_rule) is _swish_rule

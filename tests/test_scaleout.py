@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_dimat.exchange import plan_exchange
+from lightning_dimat.comm.transport import plan_exchange
 from lightning_dimat.topology import build_topology
 
 SCRIPT = Path(__file__).parent / "scaleout_run.py"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from lightning_dimat.experiment.report import write_report
-from lightning_dimat.experiment.runner import History, run_experiment
+from lightning_dimat.experiment.runner import History, cell_dir, run_experiment
 from lightning_dimat.experiment.spec import Cell, Experiment, Method, load_experiment
 
 __all__ = [
@@ -38,8 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     experiment = load_experiment(args.file, args.overrides)
     if args.dry_run:
-        from lightning_dimat.experiment.runner import cell_dir
-
         for cell in experiment.cells:
             print(cell_dir(experiment, cell))
         return

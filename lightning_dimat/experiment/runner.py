@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_dimat.callback import communication_metrics
+from lightning_dimat.callbacks.metrics import communication_metrics
+from lightning_dimat.cli import build_cli
 from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
 from lightning_dimat.strategy import DIMATStrategy
 
@@ -81,8 +82,6 @@ def _limit_threads(threads: int) -> None:
 
 def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
     """Runs one pre-training (``kind="pretrain"``) or one cell and writes its ``result.json``."""
-    from lightning_dimat.cli import build_cli  # a spawned worker imports the CLI itself
-
     folder = _dir(experiment, kind, cell)
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "pretrain":

@@ -15,7 +15,7 @@ Example (``configs/cpu/grid.yaml``)::
       cdsgd:
         label: CDSGD
         model: {optimizer: sgd}     # overrides of the model's init_args for this method
-        callbacks: [{class_path: lightning_dimat.gossip.CDSGDCallback}]
+        callbacks: [{class_path: lightning_dimat.CDSGDCallback}]
     grids:
       - {methods: [dimat, cdsgd], topologies: [ring], partitions: [by_class], seeds: [0, 1], num_agents: [5]}
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lightning_dimat.validation import check_int
 
 GRID_AXES = ("methods", "topologies", "partitions", "seeds", "num_agents")
 MERGE_CALLBACK = "lightning_dimat.MergeCallback"
@@ -164,9 +166,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     cells = _cells(raw["grids"], methods, path)
     numbers = {key: raw.get(key, default) for key, default in _NUMBERS.items()}
     for key, value in numbers.items():
-        minimum = 0 if key == "pretrain_epochs" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"'{path}': {key} must be an integer >= {minimum}, got {value!r}.")
+        numbers[key] = check_int(f"'{path}': {key}", value, minimum=0 if key == "pretrain_epochs" else 1)
     return Experiment(
         name=str(raw["name"]),
         base=base,

@@ -29,12 +29,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
+from lightning_dimat.permutation.assignment import solve_assignment
 from lightning_dimat.permutation.spec import PermutationSpec
 
 _SINK: ContextVar[Callable[[str, Tensor], None] | None] = ContextVar(
@@ -108,14 +107,6 @@ class CrossStatistics:
         mean_b, std_b = self.moments.mean_std()
         covariance = self.cross / n - torch.outer(mean_a, mean_b)
         return covariance / (torch.outer(std_a, std_b) + 1e-12)
-
-
-def solve_assignment(score: Tensor) -> Tensor:
-    """The permutation p maximising Σ_i score[i, p[i]] (``scipy.optimize.linear_sum_assignment``)."""
-    rows, columns = linear_sum_assignment(score.detach().cpu().numpy().astype(np.float64), maximize=True)
-    permutation = torch.empty(len(rows), dtype=torch.long)
-    permutation[torch.as_tensor(rows)] = torch.as_tensor(columns)
-    return permutation
 
 
 MAX_SAMPLES = 16384
@@ -218,6 +209,8 @@ def match_activations(
     states: Sequence[Mapping[str, Tensor]],
     inputs: Iterable[Any],
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    *,
+    identity_bias: float = 0.0,
 ) -> list[dict[str, Tensor]]:
     """For each of ``states``, the permutations that express it in ``reference``'s basis.
 
@@ -227,6 +220,9 @@ def match_activations(
         states: other models' ``state_dict``s (same architecture).
         inputs: model inputs (already on the reference's device), e.g. ``merge.model_inputs(loader, 10)``.
         forward_context: wraps the forward passes (e.g. Lightning's autocast context).
+        identity_bias: λ added to every unit's correlation with its own index (see
+            :func:`~lightning_dimat.permutation.assignment.solve_assignment`): 0 is DIMAT's matching, a
+            large λ keeps units in place.
     """
     if not spec.probes:
         raise ValueError(
@@ -267,6 +263,9 @@ def match_activations(
     if all(moments.count == 0 for moments in own_moments.values()):
         raise ValueError("Activation matching got no data: `inputs` is empty.")
     return [
-        {group: solve_assignment(stats.correlation(own_moments[group])) for group, stats in per_model.items()}
+        {
+            group: solve_assignment(stats.correlation(own_moments[group]), identity_bias=identity_bias)
+            for group, stats in per_model.items()
+        }
         for per_model in statistics
     ]

@@ -93,3 +93,48 @@ def invert(permutation: Tensor) -> Tensor:
     inverse = torch.empty_like(permutation)
     inverse[permutation] = torch.arange(len(permutation), device=permutation.device)
     return inverse
+
+
+def invert_permutations(permutations: Permutations) -> dict[str, Tensor]:
+    """Every group's permutation inverted: applying the result undoes ``permutations``.
+
+    Examples:
+        >>> p = {"h": torch.tensor([2, 0, 1])}
+        >>> invert_permutations(p)["h"]
+        tensor([1, 2, 0])
+        >>> compose(p, invert_permutations(p))["h"]
+        tensor([0, 1, 2])
+    """
+    return {group: invert(permutation) for group, permutation in permutations.items()}
+
+
+def compose(first: Permutations, second: Permutations) -> dict[str, Tensor]:
+    """The permutations equal to applying ``first``, then ``second`` (a missing group is the identity).
+
+    ``permute_state(permute_state(s, spec, first), spec, second)`` equals
+    ``permute_state(s, spec, compose(first, second))``: per group, ``compose(first, second)[g][i]`` is
+    ``first[g][second[g][i]]``.
+
+    Examples:
+        >>> first = {"h": torch.tensor([1, 2, 0])}
+        >>> second = {"h": torch.tensor([0, 2, 1]), "k": torch.arange(2)}
+        >>> x = torch.tensor([10, 20, 30])
+        >>> composed = compose(first, second)
+        >>> composed["h"], torch.equal(x[first["h"]][second["h"]], x[composed["h"]]), sorted(composed)
+        (tensor([1, 0, 2]), True, ['h', 'k'])
+
+    Raises:
+        ValueError: if a group's two permutations differ in length.
+    """
+    composed = dict(first)
+    for group, after in second.items():
+        before = first.get(group)
+        if before is None:
+            composed[group] = after
+            continue
+        if before.shape != after.shape:
+            raise ValueError(
+                f"Cannot compose group {group!r}: its permutations have {len(before)} and {len(after)} units."
+            )
+        composed[group] = before[after.to(before.device)]
+    return composed

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lightning_dimat.permutation.activation import solve_assignment
 from lightning_dimat.permutation.apply import identity_permutations, permute_tensor
+from lightning_dimat.permutation.assignment import solve_assignment
 from lightning_dimat.permutation.spec import PermutationSpec
 
 
@@ -33,14 +33,35 @@ def _units(tensor: Tensor, axis: int, offset: int, size: int, block: int) -> Ten
     return piece.reshape(size, -1).float()
 
 
+def _total(score: Tensor, permutation: Tensor, identity_bias: float) -> float:
+    """Σ_i (score + identity_bias·I)[i, permutation[i]]: what one group's assignment maximises."""
+    arange = torch.arange(len(permutation))
+    total = float(score[arange, permutation].sum())
+    if identity_bias:
+        total += identity_bias * int((permutation == arange).sum())
+    return total
+
+
 def match_weights(
     spec: PermutationSpec,
     reference: Mapping[str, Tensor],
     other: Mapping[str, Tensor],
     max_iterations: int = 100,
     seed: int = 0,
+    *,
+    identity_bias: float = 0.0,
 ) -> dict[str, Tensor]:
-    """The permutations bringing ``other``'s weights closest (max Σ ⟨W_ref, P W_other⟩) to ``reference``'s."""
+    """The permutations bringing ``other``'s weights closest (max Σ ⟨W_ref, P W_other⟩) to ``reference``'s.
+
+    Args:
+        spec: the architecture's spec.
+        reference: the ``state_dict`` whose basis the result is in.
+        other: the ``state_dict`` to align to it.
+        max_iterations: sweeps over all groups at most.
+        seed: the order in which groups are visited.
+        identity_bias: λ added, in each group's assignment, to every unit's score with its own index
+            (in the units of the inner products): 0 is plain weight matching, a large λ keeps units in place.
+    """
     spec.check_shapes(reference)
     spec.check_shapes(other)
     permutations = identity_permutations(spec)
@@ -72,10 +93,9 @@ def match_weights(
                 theirs = permute_tensor(theirs, (None,) * axis + (layouts[axis],), others)
                 theirs = _units(theirs, axis, offset, segment.size, segment.block)
                 score += (mine @ theirs.T).double().cpu()
-            candidate = solve_assignment(score)
-            arange = torch.arange(size)
-            before = float(score[arange, permutations[group]].sum())
-            after = float(score[arange, candidate].sum())
+            candidate = solve_assignment(score, identity_bias=identity_bias)
+            before = _total(score, permutations[group], identity_bias)
+            after = _total(score, candidate, identity_bias)
             if after > before + 1e-9 * max(1.0, abs(before)):
                 permutations[group] = candidate
                 improved = True

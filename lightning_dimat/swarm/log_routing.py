@@ -15,24 +15,30 @@ dataloaders the mean is ``<name>/dataloader_idx_<k>`` per loader.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator
 from torchmetrics import Metric
 
+from lightning_dimat.comm.gather import AllGatherObject, gather_fields_by_agent
+
 if TYPE_CHECKING:
-    from lightning_dimat.swarm import AgentSwarm
+    from lightning.pytorch import Trainer
 
 _MEAN, _SUM, _MAX, _MIN = ("mean", torch.mean), ("sum", torch.sum), ("max", torch.max), ("min", torch.min)
 
 
 def agent_key(agent_id: int, name: str) -> str:
-    """The name under which agent ``agent_id``'s metric ``name`` is logged."""
+    """The name under which agent ``agent_id``'s metric ``name`` is logged.
+
+    Examples:
+        >>> agent_key(3, "val_acc")
+        'agent_3/val_acc'
+    """
     return f"agent_{agent_id}/{name}"
 
 
@@ -46,10 +52,53 @@ class _EpochValues:
 
 
 class AgentLogRouter:
-    """Collects agents' ``log`` calls and logs their means over agents, per step and per epoch."""
+    """Collects agents' ``log`` calls and logs their means over agents, per step and per epoch.
 
-    def __init__(self, swarm: AgentSwarm) -> None:
-        self.swarm = swarm
+    The router knows nothing of the module it logs on: it is handed what it needs.
+
+    Args:
+        log: ``LightningModule.log`` of the module Lightning drives (bound to it).
+        current_hook: returns the name of the hook Lightning is running (it decides the default
+            ``on_step``/``on_epoch``, as in Lightning).
+        trainer: returns the trainer, or ``None`` outside one (for the running stage and the evaluation
+            dataloader index).
+        device: returns the device the means are computed and logged on.
+        all_gather_object: returns an object from every process in rank order (``[obj]`` in one process).
+        agent_ids: global ids of the agents that live in this process.
+
+    Examples:
+        >>> logged = {}
+        >>> router = AgentLogRouter(
+        ...     log=lambda name, value, **options: logged.update({name: float(value)}),
+        ...     current_hook=lambda: "training_step",
+        ...     trainer=lambda: None,
+        ...     device=lambda: torch.device("cpu"),
+        ...     all_gather_object=lambda obj: [obj],
+        ...     agent_ids=[0, 1],
+        ... )
+        >>> router.log(0, "loss", 1.0)
+        >>> router.log(1, "loss", 3.0)
+        >>> router.flush()
+        >>> logged
+        {'agent_0/loss': 1.0, 'agent_1/loss': 3.0, 'loss': 2.0}
+    """
+
+    def __init__(
+        self,
+        *,
+        log: Callable[..., None],
+        current_hook: Callable[[], str | None],
+        trainer: Callable[[], Trainer | None],
+        device: Callable[[], torch.device],
+        all_gather_object: AllGatherObject,
+        agent_ids: Iterable[int],
+    ) -> None:
+        self._log = log
+        self._current_hook = current_hook
+        self._trainer = trainer
+        self._device = device
+        self._all_gather_object = all_gather_object
+        self._agent_ids = frozenset(agent_ids)
         self._agent: int | None = None
         self._batch_size: int | None = None
         self._step: dict[str, tuple[dict[str, Any], dict[int, Any]]] = {}
@@ -69,11 +118,9 @@ class AgentLogRouter:
         """Stands in for an agent's ``LightningModule.log``."""
         if options.get("batch_size") is None and agent_id == self._agent and self._batch_size is not None:
             options["batch_size"] = self._batch_size
-        LightningModule.log(
-            self.swarm, agent_key(agent_id, name), value, **{**options, "prog_bar": False, "sync_dist": False}
-        )
+        self._log(agent_key(agent_id, name), value, **{**options, "prog_bar": False, "sync_dist": False})
         on_step, on_epoch = _FxValidator.get_default_logging_levels(
-            self.swarm._current_fx_name, options.get("on_step"), options.get("on_epoch")
+            self._current_hook(), options.get("on_step"), options.get("on_epoch")
         )
         mean_name = self._with_dataloader_suffix(name, options)
         shared = {
@@ -98,14 +145,16 @@ class AgentLogRouter:
                 entry.values.setdefault(agent_id, []).append((tensor, options.get("batch_size")))
 
     def _with_dataloader_suffix(self, name: str, options: dict[str, Any]) -> str:
-        results = self.swarm._trainer._results if self.swarm._trainer is not None else None
-        index = getattr(results, "dataloader_idx", None)
+        """``name`` with Lightning's ``/dataloader_idx_<k>`` suffix when an evaluation loader index is set."""
+        trainer = self._trainer()
+        index = getattr(trainer._results if trainer is not None else None, "dataloader_idx", None)
         if options.get("add_dataloader_idx", True) and index is not None:
             return f"{name}/dataloader_idx_{index}"
         return name
 
     def _stage(self) -> str:
-        trainer = self.swarm._trainer
+        """The running stage (``"train"``, ``"validate"``, ...), or ``"none"`` outside a trainer loop."""
+        trainer = self._trainer()
         stage = trainer.state.stage if trainer is not None else None
         return str(stage.value if stage is not None else "none")
 
@@ -128,7 +177,7 @@ class AgentLogRouter:
         logs the same mean over *all* agents, and the other processes' agent keys too (for rank 0's
         loggers). (Step-level means stay over the local agents: no collective runs per step.)
         """
-        per_name: dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]] = {}
+        local: dict[str, dict[int, tuple[dict[str, Any], torch.Tensor]]] = {}
         for name, entry in self._epoch.pop(self._stage(), {}).items():
             options = dict(entry.options)
             reduce_fx = options.pop("reduce_fx")
@@ -136,35 +185,27 @@ class AgentLogRouter:
                 g: torch.as_tensor(metric.compute()).detach().cpu() for g, metric in entry.metrics.items()
             }
             values.update({g: _reduce(v, reduce_fx).detach().cpu() for g, v in entry.values.items()})
-            per_name[name] = (options, values)
-        if self.swarm.world_size > 1:
-            per_name = self._gathered(per_name)
-        for name, (options, values) in per_name.items():
-            if values:
-                self._log_mean(name, list(values.values()), {**options, "on_step": False, "on_epoch": True})
-
-    def _gathered(
-        self, per_name: dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]]
-    ) -> dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]]:
-        merged: dict[str, tuple[dict[str, Any], dict[int, torch.Tensor]]] = {}
-        for part in self.swarm.trainer.strategy.all_gather_object(per_name):
-            for name, (options, values) in part.items():
-                merged.setdefault(name, (options, {}))[1].update(values)
-        local = set(self.swarm.agent_ids)
-        for name, (options, values) in merged.items():
-            for agent_id, value in values.items():
-                if agent_id not in local:
+            local[name] = {g: (options, value) for g, value in values.items()}
+        gathered = gather_fields_by_agent(self._all_gather_object, local)
+        for name, per_agent in gathered.items():
+            for agent_id, (options, value) in per_agent.items():
+                if agent_id not in self._agent_ids:
                     logged = {**options, "prog_bar": False, "on_step": False, "on_epoch": True}
-                    LightningModule.log(
-                        self.swarm, agent_key(agent_id, name), value.to(self.swarm.device), batch_size=1,
+                    self._log(
+                        agent_key(agent_id, name), value.to(self._device()), batch_size=1,
                         add_dataloader_idx=False, **logged,
                     )  # fmt: skip
-        return merged
+        for name, per_agent in gathered.items():
+            if per_agent:
+                options = next(iter(per_agent.values()))[0]
+                values = [value for _, value in per_agent.values()]
+                self._log_mean(name, values, {**options, "on_step": False, "on_epoch": True})
 
     def _log_mean(self, name: str, values: list[torch.Tensor], options: dict[str, Any]) -> None:
-        device = self.swarm.device
+        """Logs the float32 mean of ``values`` as ``name``."""
+        device = self._device()
         mean = torch.stack([value.detach().to(device=device, dtype=torch.float32) for value in values]).mean()
-        LightningModule.log(self.swarm, name, mean, batch_size=1, add_dataloader_idx=False, **options)
+        self._log(name, mean, batch_size=1, add_dataloader_idx=False, **options)
 
 
 def _reduce(values: list[tuple[torch.Tensor, int | None]], reduce_fx: Any) -> torch.Tensor:

@@ -34,6 +34,7 @@ torch's ~1 µs, per agent and switch: cover numpy/python only when agent code dr
 
 
 def _capture(libraries: Iterable[str], device: torch.device | None) -> dict[str, Any]:
+    """The current states of the global generators in ``libraries`` (and ``device``'s CUDA generator)."""
     state: dict[str, Any] = {}
     if "torch" in libraries:
         state["torch"] = torch.get_rng_state()
@@ -47,6 +48,7 @@ def _capture(libraries: Iterable[str], device: torch.device | None) -> dict[str,
 
 
 def _restore(state: dict[str, Any], device: torch.device | None) -> None:
+    """Makes the generator states in ``state`` (from :func:`_capture`) the global ones."""
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and device is not None and device.type == "cuda":
@@ -154,6 +156,7 @@ class AgentRandomStreams:
 
 
 def _to_builtin(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with numpy's key array as a tensor (loadable with ``weights_only=True``)."""
     saved = dict(state)
     if "numpy" in state:
         name, keys, position, has_gauss, cached_gaussian = state["numpy"]
@@ -162,6 +165,7 @@ def _to_builtin(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_builtin(saved: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_to_builtin` (with torch's state back on the CPU)."""
     state = dict(saved)
     if "numpy" in saved:
         name, keys, position, has_gauss, cached_gaussian = saved["numpy"]

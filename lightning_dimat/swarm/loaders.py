@@ -17,11 +17,17 @@ import numpy as np
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
-from lightning_dimat.agent_rng import AgentRandomStreams, agent_seed
+from lightning_dimat.swarm.random_streams import AgentRandomStreams, agent_seed
 
 
 class ShardSampler(Sampler[int]):
     """Yields one agent's shard, reshuffled every epoch from ``(seed, agent id, epoch)`` when ``shuffle``.
+
+    Args:
+        indices: the dataset indices of the agent's shard.
+        shuffle: reshuffle the shard every epoch (else yield it in the given order).
+        seed: the run seed.
+        agent_id: the agent's global id.
 
     Examples:
         >>> sampler = ShardSampler([4, 7, 9], shuffle=False)
@@ -37,6 +43,7 @@ class ShardSampler(Sampler[int]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose order :meth:`__iter__` yields (Lightning calls it every epoch)."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -61,6 +68,7 @@ class _EpochSetter:
         self._samplers = samplers
 
     def set_epoch(self, epoch: int) -> None:
+        """Sets ``epoch`` on every agent's sampler."""
         for sampler in self._samplers:
             sampler.set_epoch(epoch)
 
@@ -98,6 +106,7 @@ class AgentLoader:
             yield batch
 
     def _next(self, agent_id: int, iterators: dict[int, Iterator[Any] | None]) -> Any:
+        """Agent ``agent_id``'s next batch, drawn in its stream; ``None`` once its shard is exhausted."""
         iterator = iterators[agent_id]
         if iterator is None:
             return None
@@ -110,7 +119,12 @@ class AgentLoader:
 
 
 def batches_per_epoch(shard_size: int, batch_size: int, drop_last: bool) -> int:
-    """Number of batches a loader over ``shard_size`` items yields."""
+    """Number of batches a loader over ``shard_size`` items yields.
+
+    Examples:
+        >>> batches_per_epoch(10, 4, drop_last=False), batches_per_epoch(10, 4, drop_last=True)
+        (3, 2)
+    """
     return shard_size // batch_size if drop_last else math.ceil(shard_size / batch_size)
 
 

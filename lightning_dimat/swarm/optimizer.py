@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
+from typing_extensions import override
 
 
 class SwarmOptimizer(Optimizer):
@@ -57,6 +58,7 @@ class SwarmOptimizer(Optimizer):
 
     @property
     def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
+        """Every agent's per-parameter state, merged into one read-only view."""
         merged: dict[torch.Tensor, Any] = {}
         for optimizer in self.optimizers.values():
             merged.update(optimizer.state)
@@ -66,6 +68,7 @@ class SwarmOptimizer(Optimizer):
         """Records that ``agent_id`` has gradients to apply at the next :meth:`step`."""
         self.active.add(agent_id)
 
+    @override
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Steps the optimizers of the agents marked active (the caller clears the marks)."""
         loss = None
@@ -80,10 +83,13 @@ class SwarmOptimizer(Optimizer):
             self.steps[agent_id] += 1
         return loss
 
+    @override
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes every local agent's gradients."""
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=set_to_none)
 
+    @override
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """``{"agents": {agent id: {"optimizer", "schedulers", "steps"}}}``."""
         return {
@@ -97,6 +103,7 @@ class SwarmOptimizer(Optimizer):
             }
         }
 
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Restores the local agents' optimizers and schedulers from a :meth:`state_dict`."""
         saved = state_dict.get("agents")
@@ -123,12 +130,17 @@ class SwarmOptimizer(Optimizer):
                 config.scheduler.load_state_dict(scheduler_state)
             self.steps[agent_id] = int(entry["steps"])
 
+    @override
     def __repr__(self) -> str:
         inner = ", ".join(f"{agent_id}: {type(opt).__name__}" for agent_id, opt in self.optimizers.items())
         return f"SwarmOptimizer({{{inner}}})"
 
+    @override
     def __getstate__(self) -> dict[str, Any]:
+        """All attributes (``Optimizer``'s own keeps only ``defaults``, ``state`` and ``param_groups``)."""
         return self.__dict__
 
+    @override
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restores the attributes as saved, without ``Optimizer``'s step-hook patching."""
         self.__dict__.update(state)

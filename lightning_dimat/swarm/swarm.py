@@ -3,9 +3,10 @@
 It holds this process's agents (deep copies of the user's module, keyed by global agent id), fans
 every hook out to them, runs each agent's ``training_step`` on that agent's own batch inside the
 agent's own random stream, and steps each agent's own optimizer (manual optimization; Lightning sees
-one :class:`~lightning_dimat.swarm_optimizer.SwarmOptimizer`, so ``global_step`` counts batches).
+one :class:`~lightning_dimat.swarm.optimizer.SwarmOptimizer`, so ``global_step`` counts batches).
 Each agent's ``self.log(name, ...)`` appears as ``agent_<g>/<name>`` and ``<name>`` is the mean over
-agents (see :mod:`lightning_dimat.agent_logging`).
+agents (see :mod:`lightning_dimat.swarm.log_routing`). Batch transfer and checkpoint hooks live in
+:mod:`lightning_dimat.swarm.transfer` and :mod:`lightning_dimat.swarm.checkpoints`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -26,43 +27,33 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import Metric
+from typing_extensions import override
 
-from lightning_dimat.agent_data import AgentBatch
-from lightning_dimat.agent_logging import AgentLogRouter
-from lightning_dimat.agent_rng import LIBRARIES, AgentRandomStreams, untracked_fingerprint
-from lightning_dimat.swarm_optimizer import SwarmOptimizer
-
-# Hooks that run on every agent when the user's module overrides them (batch hooks get the agent's batch).
-_PLAIN_HOOKS = (
-    "on_fit_start",
-    "on_fit_end",
-    "on_train_start",
-    "on_train_end",
-    "on_validation_start",
-    "on_validation_end",
-    "on_test_start",
-    "on_test_end",
-    "on_predict_start",
-    "on_predict_end",
-    "on_validation_epoch_start",
-    "on_test_epoch_start",
-    "on_predict_epoch_start",
-    "on_predict_epoch_end",
-)
-_EVALUATION_STEPS = ("validation_step", "test_step")
+from lightning_dimat.swarm.checkpoints import AgentCheckpointHooks
+from lightning_dimat.swarm.loaders import AgentBatch
+from lightning_dimat.swarm.log_routing import AgentLogRouter
+from lightning_dimat.swarm.optimizer import SwarmOptimizer
+from lightning_dimat.swarm.random_streams import LIBRARIES, AgentRandomStreams, untracked_fingerprint
+from lightning_dimat.swarm.transfer import AgentBatchTransferHooks
 
 
-class AgentSwarm(LightningModule):
+class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
     """Holds the local agents and makes Lightning train them side by side.
 
     Built by :class:`~lightning_dimat.strategy.DIMATStrategy`; users do not create it themselves. Use
-    :func:`swarm_class_for` to get the subclass that exposes exactly the step methods the user's module has.
+    :func:`swarm_class_for` to get the class that exposes exactly the step methods the user's module has.
 
     Args:
         agents: ``{global agent id: LightningModule}`` living in this process.
         streams: the agents' random streams.
         num_agents: number of agents over all processes (default: ``len(agents)``).
         world_size: number of processes the agents are spread over.
+
+    Examples:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> swarm = AgentSwarm({0: BoringModel(), 1: BoringModel()}, AgentRandomStreams(0, [0, 1]))
+        >>> sorted(swarm(torch.zeros(2, 32)))
+        [0, 1]
     """
 
     def __init__(
@@ -82,7 +73,15 @@ class AgentSwarm(LightningModule):
         self.gradient_clip_val: float | None = None
         self.gradient_clip_algorithm: str | None = None
         self.accumulate_grad_batches = 1
-        self.router = AgentLogRouter(self)
+        # Bound methods and partials rather than closures: a copy of the swarm gets a router of its own.
+        self.router = AgentLogRouter(
+            log=self.log,
+            current_hook=functools.partial(getattr, self, "_current_fx_name"),
+            trainer=functools.partial(getattr, self, "_trainer"),
+            device=functools.partial(getattr, self, "device"),
+            all_gather_object=self._all_gather_object,
+            agent_ids=self.agent_ids,
+        )
         self._agent_losses: dict[int, Tensor] = {}
         self._agent_outputs: dict[int, Any] = {}
         self.pending_initialisation: Callable[[], None] | None = None
@@ -111,7 +110,21 @@ class AgentSwarm(LightningModule):
         """``(global id, agent)`` pairs of the local agents, in id order."""
         return [(agent_id, self.agent(agent_id)) for agent_id in self.agent_ids]
 
+    @override
+    def forward(self, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        """Every local agent's output, ``{agent id: agent(*args, **kwargs)}``."""
+        return {agent_id: agent(*args, **kwargs) for agent_id, agent in self.items()}
+
+    @property
+    def swarm_optimizer(self) -> SwarmOptimizer:
+        """The local agents' optimizers as Lightning holds them (only while fitting)."""
+        optimizers = self.trainer.strategy.optimizers
+        if not optimizers or not isinstance(optimizers[0], SwarmOptimizer):
+            raise RuntimeError("The agents' optimizers exist only while fitting.")
+        return optimizers[0]
+
     def _wire_agent(self, agent_id: int) -> None:
+        """Routes the agent's ``log``, ``optimizers`` and ``lr_schedulers`` to the swarm."""
         agent = self.agent(agent_id)
         # Weak references: a deep copy of an agent (merging, exporting) must not drag the whole swarm along.
         router, swarm = weakref.ref(self.router), weakref.ref(self)
@@ -125,38 +138,42 @@ class AgentSwarm(LightningModule):
                 module.dist_sync_on_step = False
 
     def _agent_optimizer(self, agent_id: int, use_pl_optimizer: bool = True) -> Optimizer:
+        """What agent ``agent_id``'s ``self.optimizers()`` returns: its own optimizer."""
         return self.swarm_optimizer.optimizers[agent_id]
 
     def _agent_schedulers(self, agent_id: int) -> Any:
+        """What agent ``agent_id``'s ``self.lr_schedulers()`` returns (``None``, one, or a list)."""
         schedulers = [config.scheduler for config in self.swarm_optimizer.schedulers[agent_id]]
         if not schedulers:
             return None
         return schedulers[0] if len(schedulers) == 1 else schedulers
 
-    @property
-    def swarm_optimizer(self) -> SwarmOptimizer:
-        optimizers = self.trainer.strategy.optimizers
-        if not optimizers or not isinstance(optimizers[0], SwarmOptimizer):
-            raise RuntimeError("The agents' optimizers exist only while fitting.")
-        return optimizers[0]
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` from every process in rank order (``[obj]`` in one process, without a collective)."""
+        return [obj] if self.world_size == 1 else self.trainer.strategy.all_gather_object(obj)
 
-    def forward(self, *args: Any, **kwargs: Any) -> dict[int, Any]:
-        """Every local agent's output, ``{agent id: agent(*args, **kwargs)}``."""
-        return {agent_id: agent(*args, **kwargs) for agent_id, agent in self.items()}
-
-    def _fan_out(self, hook: str, *args: Any, **kwargs: Any) -> dict[int, Any]:
+    def _fan_out(self, hook: str, *args: Any) -> None:
         """Calls ``hook`` on every agent that overrides it, in its stream, with logging routed."""
-        outputs: dict[int, Any] = {}
         for agent_id, agent in self.items():
-            if not is_overridden(hook, agent, LightningModule):
-                continue
-            with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
-                outputs[agent_id] = getattr(agent, hook)(*args, **kwargs)
+            if is_overridden(hook, agent, LightningModule):
+                with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
+                    getattr(agent, hook)(*args)
         self.router.flush()
-        return outputs
+
+    def _fan_out_batch(self, hook: str, agent_id: int, *args: Any) -> Any:
+        """Calls ``hook`` on agent ``agent_id`` if it overrides it, in its stream, with logging routed."""
+        agent = self.agent(agent_id)
+        if not is_overridden(hook, agent, LightningModule):
+            return None
+        with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
+            result = getattr(agent, hook)(*args)
+        self.router.flush()
+        return result
 
     # ----------------------------------------------------------- optimization
+    @override
     def configure_optimizers(self) -> SwarmOptimizer:
+        """Every agent's own optimizer and schedulers, as one :class:`SwarmOptimizer`."""
         optimizers: dict[int, Optimizer] = {}
         schedulers: dict[int, list[LRSchedulerConfig]] = {}
         for agent_id, agent in self.items():
@@ -179,6 +196,7 @@ class AgentSwarm(LightningModule):
         return SwarmOptimizer(optimizers, schedulers, before_agent_step=self._before_agent_step)
 
     def _before_agent_step(self, agent_id: int, optimizer: Optimizer) -> None:
+        """The agent's ``on_before_optimizer_step``, then gradient clipping (the Trainer's settings)."""
         agent = self.agent(agent_id)
         if is_overridden("on_before_optimizer_step", agent, LightningModule):
             with self.router.speaking_for(agent_id):
@@ -191,7 +209,9 @@ class AgentSwarm(LightningModule):
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Each agent's ``training_step`` on its own batch, one backward, then the agents' steps."""
         batch = _agent_batch(batch)
         lightning_optimizer = self.optimizers()
         swarm_optimizer = self.swarm_optimizer
@@ -225,20 +245,8 @@ class AgentSwarm(LightningModule):
                 self._fan_out_batch("on_before_zero_grad", agent_id, agent_optimizer)
             lightning_optimizer.zero_grad()
 
-    def _warn_about_untracked_randomness(self) -> None:
-        if self._warned_untracked or self._untracked_random_state is None:
-            return
-        if untracked_fingerprint(self.streams.libraries) != self._untracked_random_state:
-            self._warned_untracked = True
-            untracked = [name for name in LIBRARIES if name not in self.streams.libraries]
-            rank_zero_warn(
-                f"Something drew from the global {' or '.join(untracked)} random generator during the "
-                "training epoch. If it was agent code (e.g. augmentation in the main process), agents share "
-                "that stream and results depend on how agents are placed; give each agent its own with "
-                f"DIMATStrategy(random_streams={(*self.streams.libraries, *untracked)!r})."
-            )
-
     def _step_schedulers(self, interval: str, agent_ids: list[int]) -> None:
+        """Steps the ``interval`` (``"step"`` or ``"epoch"``) schedulers of ``agent_ids`` that are due."""
         swarm_optimizer = self.swarm_optimizer
         for agent_id in agent_ids:
             count = swarm_optimizer.steps[agent_id] if interval == "step" else self.current_epoch + 1
@@ -248,6 +256,7 @@ class AgentSwarm(LightningModule):
                 self._step_scheduler(agent_id, config)
 
     def _step_scheduler(self, agent_id: int, config: LRSchedulerConfig) -> None:
+        """Steps one scheduler through the agent's ``lr_scheduler_step`` (with its own monitored metric)."""
         metric = None
         if config.reduce_on_plateau:
             key = f"agent_{agent_id}/{config.monitor}"
@@ -264,7 +273,9 @@ class AgentSwarm(LightningModule):
                 )
         self.agent(agent_id).lr_scheduler_step(config.scheduler, metric)
 
+    @override
     def on_before_backward(self, loss: Tensor) -> None:
+        """Each agent's ``on_before_backward`` with its own loss."""
         for agent_id, own_loss in self._agent_losses.items():
             agent = self.agent(agent_id)
             if is_overridden("on_before_backward", agent, LightningModule):
@@ -272,7 +283,9 @@ class AgentSwarm(LightningModule):
                     agent.on_before_backward(own_loss)
         self.router.flush()
 
+    @override
     def on_after_backward(self) -> None:
+        """``on_after_backward`` of each agent that computed a loss in this step."""
         for agent_id in self._agent_losses:
             agent = self.agent(agent_id)
             if is_overridden("on_after_backward", agent, LightningModule):
@@ -280,8 +293,23 @@ class AgentSwarm(LightningModule):
                     agent.on_after_backward()
         self.router.flush()
 
+    def _warn_about_untracked_randomness(self) -> None:
+        """Warns once if a global generator that no agent stream covers was drawn from this epoch."""
+        if self._warned_untracked or self._untracked_random_state is None:
+            return
+        if untracked_fingerprint(self.streams.libraries) != self._untracked_random_state:
+            self._warned_untracked = True
+            untracked = [name for name in LIBRARIES if name not in self.streams.libraries]
+            rank_zero_warn(
+                f"Something drew from the global {' or '.join(untracked)} random generator during the "
+                "training epoch. If it was agent code (e.g. augmentation in the main process), agents share "
+                "that stream and results depend on how agents are placed; give each agent its own with "
+                f"DIMATStrategy(random_streams={(*self.streams.libraries, *untracked)!r})."
+            )
+
     # ------------------------------------------------------------ evaluation
     def _evaluation_step(self, hook: str, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        """Every agent's ``hook`` (a step method) on the shared ``batch``, ``{agent id: output}``."""
         outputs, batch_size = {}, _batch_size(batch)
         for agent_id, agent in self.items():
             with self.streams.activate(agent_id), self.router.speaking_for(agent_id, batch_size):
@@ -289,76 +317,151 @@ class AgentSwarm(LightningModule):
         self.router.flush()
         return outputs
 
-    def _validation_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
-        return self._evaluation_step("validation_step", batch, *args, **kwargs)
-
-    def _test_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
-        return self._evaluation_step("test_step", batch, *args, **kwargs)
-
+    @override
     def predict_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
         """Every agent's prediction, ``{agent id: prediction}``."""
         return self._evaluation_step("predict_step", batch, *args, **kwargs)
 
-    # ------------------------------------------------------------------ hooks
+    def _evaluation_batch_end(
+        self, hook: str, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> None:
+        """Each agent's ``hook`` (an ``on_*_batch_end``) with its own step output."""
+        for agent_id, agent in self.items():
+            if is_overridden(hook, agent, LightningModule):
+                with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
+                    getattr(agent, hook)(outputs[agent_id], batch, batch_idx, dataloader_idx)
+        self.router.flush()
+
+    # ------------------------------------------------------------- lifecycle
+    @override
     def prepare_data(self) -> None:
         """The user's ``prepare_data`` (downloads etc.), run once: on the first local agent."""
         self.agent(self.agent_ids[0]).prepare_data()
 
-    def on_validation_model_eval(self) -> None:
-        self._model_mode_hook("on_validation_model_eval")
-
-    def on_validation_model_train(self) -> None:
-        self._model_mode_hook("on_validation_model_train")
-
-    def on_test_model_eval(self) -> None:
-        self._model_mode_hook("on_test_model_eval")
-
-    def on_test_model_train(self) -> None:
-        self._model_mode_hook("on_test_model_train")
-
-    def on_predict_model_eval(self) -> None:
-        self._model_mode_hook("on_predict_model_eval")
-
-    def _model_mode_hook(self, hook: str) -> None:
-        """Lightning's own mode switch on the swarm, then each agent's override of the hook (if any)."""
-        getattr(LightningModule, hook)(self)
-        self._fan_out(hook)
-
+    @override
     def setup(self, stage: str) -> None:
+        """Runs ``setup`` on every local agent."""
         self._fan_out("setup", stage)
 
+    @override
     def teardown(self, stage: str) -> None:
+        """Runs ``teardown`` on every local agent."""
         self._fan_out("teardown", stage)
 
+    @override
     def configure_model(self) -> None:
+        """Runs ``configure_model`` on every local agent, then the strategy's pending initialisation."""
         self._fan_out("configure_model")
         if self.pending_initialisation is not None:
             self.pending_initialisation()
             self.pending_initialisation = None
 
+    @override
     def configure_callbacks(self) -> Any:
         """The first agent's callbacks (all agents are copies of one module, so one set is enough)."""
         return self.agent(self.agent_ids[0]).configure_callbacks()
 
+    @override
+    def on_fit_start(self) -> None:
+        """Runs ``on_fit_start`` on every local agent."""
+        self._fan_out("on_fit_start")
+
+    @override
+    def on_fit_end(self) -> None:
+        """Runs ``on_fit_end`` on every local agent."""
+        self._fan_out("on_fit_end")
+
+    @override
+    def on_train_start(self) -> None:
+        """Runs ``on_train_start`` on every local agent."""
+        self._fan_out("on_train_start")
+
+    @override
+    def on_train_end(self) -> None:
+        """Runs ``on_train_end`` on every local agent."""
+        self._fan_out("on_train_end")
+
+    @override
+    def on_validation_start(self) -> None:
+        """Runs ``on_validation_start`` on every local agent."""
+        self._fan_out("on_validation_start")
+
+    @override
+    def on_validation_end(self) -> None:
+        """Runs ``on_validation_end`` on every local agent."""
+        self._fan_out("on_validation_end")
+
+    @override
+    def on_test_start(self) -> None:
+        """Runs ``on_test_start`` on every local agent."""
+        self._fan_out("on_test_start")
+
+    @override
+    def on_test_end(self) -> None:
+        """Runs ``on_test_end`` on every local agent."""
+        self._fan_out("on_test_end")
+
+    @override
+    def on_predict_start(self) -> None:
+        """Runs ``on_predict_start`` on every local agent."""
+        self._fan_out("on_predict_start")
+
+    @override
+    def on_predict_end(self) -> None:
+        """Runs ``on_predict_end`` on every local agent."""
+        self._fan_out("on_predict_end")
+
+    # ------------------------------------------------------------------ epochs
+    @override
     def on_train_epoch_start(self) -> None:
+        """Runs ``on_train_epoch_start`` on every local agent (and notes the untracked generators)."""
         self._untracked_random_state = untracked_fingerprint(self.streams.libraries)
         self._fan_out("on_train_epoch_start")
 
+    @override
     def on_train_epoch_end(self) -> None:
+        """Runs ``on_train_epoch_end`` on every local agent, logs epoch means, steps epoch schedulers."""
         self._warn_about_untracked_randomness()
         self._fan_out("on_train_epoch_end")
         self.router.flush_epoch()
         self._step_schedulers("epoch", self.agent_ids)
 
+    @override
+    def on_validation_epoch_start(self) -> None:
+        """Runs ``on_validation_epoch_start`` on every local agent."""
+        self._fan_out("on_validation_epoch_start")
+
+    @override
     def on_validation_epoch_end(self) -> None:
+        """Runs ``on_validation_epoch_end`` on every local agent, then logs the epoch means."""
         self._fan_out("on_validation_epoch_end")
         self.router.flush_epoch()
 
+    @override
+    def on_test_epoch_start(self) -> None:
+        """Runs ``on_test_epoch_start`` on every local agent."""
+        self._fan_out("on_test_epoch_start")
+
+    @override
     def on_test_epoch_end(self) -> None:
+        """Runs ``on_test_epoch_end`` on every local agent, then logs the epoch means."""
         self._fan_out("on_test_epoch_end")
         self.router.flush_epoch()
 
+    @override
+    def on_predict_epoch_start(self) -> None:
+        """Runs ``on_predict_epoch_start`` on every local agent."""
+        self._fan_out("on_predict_epoch_start")
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        """Runs ``on_predict_epoch_end`` on every local agent."""
+        self._fan_out("on_predict_epoch_end")
+
+    # ----------------------------------------------------------------- batches
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """Each agent's hook with its own batch; ``-1`` (skip the rest of the epoch) if all agents say so."""
         skips = [
             self._fan_out_batch("on_train_batch_start", agent_id, agent_batch, batch_idx)
             for agent_id, agent_batch in _agent_batch(batch).items()
@@ -366,152 +469,130 @@ class AgentSwarm(LightningModule):
         ]
         return -1 if skips and all(skip == -1 for skip in skips) else None
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Each agent's hook with its own ``training_step`` output and its own batch."""
         for agent_id, agent_batch in _agent_batch(batch).items():
             if agent_batch is not None:
                 output = self._agent_outputs.get(agent_id)
                 self._fan_out_batch("on_train_batch_end", agent_id, output, agent_batch, batch_idx)
 
-    def _fan_out_batch(self, hook: str, agent_id: int, *args: Any) -> Any:
-        agent = self.agent(agent_id)
-        if not is_overridden(hook, agent, LightningModule):
-            return None
-        with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
-            result = getattr(agent, hook)(*args)
-        self.router.flush()
-        return result
-
+    @override
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_batch_start("on_validation_batch_start", batch, batch_idx, dataloader_idx)
+        """Runs ``on_validation_batch_start`` on every local agent."""
+        self._fan_out("on_validation_batch_start", batch, batch_idx, dataloader_idx)
 
-    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_batch_start("on_test_batch_start", batch, batch_idx, dataloader_idx)
-
-    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_batch_start("on_predict_batch_start", batch, batch_idx, dataloader_idx)
-
-    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_batch_end("on_predict_batch_end", outputs, batch, batch_idx, dataloader_idx)
-
-    def _evaluation_batch_start(self, hook: str, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
-        for agent_id, agent in self.items():
-            if is_overridden(hook, agent, LightningModule):
-                with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
-                    getattr(agent, hook)(batch, batch_idx, dataloader_idx)
-        self.router.flush()
-
+    @override
     def on_validation_batch_end(
         self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        """Each agent's ``on_validation_batch_end`` with its own step output."""
         self._evaluation_batch_end("on_validation_batch_end", outputs, batch, batch_idx, dataloader_idx)
 
+    @override
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Runs ``on_test_batch_start`` on every local agent."""
+        self._fan_out("on_test_batch_start", batch, batch_idx, dataloader_idx)
+
+    @override
     def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Each agent's ``on_test_batch_end`` with its own step output."""
         self._evaluation_batch_end("on_test_batch_end", outputs, batch, batch_idx, dataloader_idx)
 
-    def _evaluation_batch_end(
-        self, hook: str, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int
-    ) -> None:
-        for agent_id, agent in self.items():
-            if is_overridden(hook, agent, LightningModule):
-                with self.streams.activate(agent_id), self.router.speaking_for(agent_id):
-                    getattr(agent, hook)(outputs[agent_id], batch, batch_idx, dataloader_idx)
-        self.router.flush()
+    @override
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Runs ``on_predict_batch_start`` on every local agent."""
+        self._fan_out("on_predict_batch_start", batch, batch_idx, dataloader_idx)
 
-    # -------------------------------------------------------- batch transfer
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self._transfer("on_before_batch_transfer", batch, dataloader_idx)
+    @override
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Each agent's ``on_predict_batch_end`` with its own prediction."""
+        self._evaluation_batch_end("on_predict_batch_end", outputs, batch, batch_idx, dataloader_idx)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return self._transfer("transfer_batch_to_device", batch, device, dataloader_idx)
+    # ------------------------------------------------------------ model modes
+    @override
+    def on_validation_model_eval(self) -> None:
+        """Lightning's switch to eval mode, then each agent's override of this hook."""
+        super().on_validation_model_eval()
+        self._fan_out("on_validation_model_eval")
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self._transfer("on_after_batch_transfer", batch, dataloader_idx)
+    @override
+    def on_validation_model_train(self) -> None:
+        """Lightning's switch back to train mode, then each agent's override of this hook."""
+        super().on_validation_model_train()
+        self._fan_out("on_validation_model_train")
 
-    def _transfer(self, hook: str, batch: Any, *args: Any) -> Any:
-        if not self._transfer_hook_is_custom(hook):
-            return getattr(LightningModule, hook)(self, batch, *args)
-        if isinstance(batch, AgentBatch):
-            return AgentBatch(
-                {
-                    agent_id: None
-                    if agent_batch is None
-                    else self.transfer_agent_batch(hook, agent_id, agent_batch, *args)
-                    for agent_id, agent_batch in batch.items()
-                }
-            )
-        return getattr(self._hook_owner(hook, self.agent_ids[0]), hook)(batch, *args)
+    @override
+    def on_test_model_eval(self) -> None:
+        """Lightning's switch to eval mode, then each agent's override of this hook."""
+        super().on_test_model_eval()
+        self._fan_out("on_test_model_eval")
 
-    def _transfer_hook_is_custom(self, hook: str) -> bool:
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and is_overridden(hook, datamodule, LightningDataModule):
-            return True
-        return is_overridden(hook, self.agent(self.agent_ids[0]), LightningModule)
+    @override
+    def on_test_model_train(self) -> None:
+        """Lightning's switch back to train mode, then each agent's override of this hook."""
+        super().on_test_model_train()
+        self._fan_out("on_test_model_train")
 
-    def _hook_owner(self, hook: str, agent_id: int) -> Any:
-        """The datamodule if it overrides the batch-transfer ``hook`` (as in Lightning), else the agent."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and is_overridden(hook, datamodule, LightningDataModule):
-            return datamodule
-        return self.agent(agent_id)
-
-    def transfer_agent_batch(self, hook: str, agent_id: int, batch: Any, *args: Any) -> Any:
-        """Runs ``hook`` (a batch-transfer hook) on one of agent ``agent_id``'s batches, in its stream."""
-        with self.streams.activate(agent_id):
-            return getattr(self._hook_owner(hook, agent_id), hook)(batch, *args)
-
-    def to_device(self, agent_id: int, batch: Any) -> Any:
-        """One of agent ``agent_id``'s raw batches, through its three transfer hooks onto the device."""
-        batch = self.transfer_agent_batch("on_before_batch_transfer", agent_id, batch, 0)
-        batch = self.transfer_agent_batch("transfer_batch_to_device", agent_id, batch, self.device, 0)
-        return self.transfer_agent_batch("on_after_batch_transfer", agent_id, batch, 0)
-
-    # ------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra: dict[int, dict[str, Any]] = {}
-        for agent_id, agent in self.items():
-            own: dict[str, Any] = {}
-            if is_overridden("on_save_checkpoint", agent, LightningModule):
-                agent.on_save_checkpoint(own)
-            extra[agent_id] = own
-        local = {"random_streams": self.streams.state_dict(), "agent_checkpoint_extras": extra}
-        parts = self.trainer.strategy.all_gather_object(local)  # every process's agents, keyed by global id
-        checkpoint["dimat"] = {
-            "num_agents": self.num_agents,
-            **{key: {g: value for part in parts for g, value in part[key].items()} for key in local},
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("dimat")
-        if saved is None:
-            raise KeyError(
-                "This checkpoint was not written by DIMATStrategy (it has no 'dimat' entry). To start agents "
-                "from a plain checkpoint, load it into your module and pass that module to fit()."
-            )
-        if saved["num_agents"] != self.num_agents:
-            raise ValueError(
-                f"The checkpoint holds agents {list(range(saved['num_agents']))} but this run has "
-                f"num_agents={self.num_agents}; resume with the same number of agents."
-            )
-        self.streams.load_state_dict(saved["random_streams"])
-        for agent_id, agent in self.items():
-            if is_overridden("on_load_checkpoint", agent, LightningModule):
-                agent.on_load_checkpoint(saved["agent_checkpoint_extras"].get(agent_id, {}))
+    @override
+    def on_predict_model_eval(self) -> None:
+        """Lightning's switch to eval mode, then each agent's override of this hook."""
+        super().on_predict_model_eval()
+        self._fan_out("on_predict_model_eval")
 
 
-for _hook in _PLAIN_HOOKS:
+class _ValidationStep(AgentSwarm):
+    """An ``AgentSwarm`` with ``validation_step``, for user modules that have one."""
 
-    def _make(hook: str) -> Any:
-        def fan_out(self: AgentSwarm, *args: Any, **kwargs: Any) -> None:
-            self._fan_out(hook, *args, **kwargs)
+    @override
+    def validation_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        """Every agent's ``validation_step`` on the shared batch, ``{agent id: output}``."""
+        return self._evaluation_step("validation_step", batch, *args, **kwargs)
 
-        fan_out.__name__ = hook
-        fan_out.__doc__ = f"Runs ``{hook}`` on every local agent."
-        return fan_out
 
-    setattr(AgentSwarm, _hook, _make(_hook))
+class _TestStep(AgentSwarm):
+    """An ``AgentSwarm`` with ``test_step``, for user modules that have one."""
+
+    @override
+    def test_step(self, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
+        """Every agent's ``test_step`` on the shared batch, ``{agent id: output}``."""
+        return self._evaluation_step("test_step", batch, *args, **kwargs)
+
+
+class _ValidationAndTestSteps(_ValidationStep, _TestStep):
+    """An ``AgentSwarm`` with ``validation_step`` and ``test_step``."""
+
+
+_SWARM_CLASSES: dict[frozenset[str], type[AgentSwarm]] = {
+    frozenset(): AgentSwarm,
+    frozenset({"validation_step"}): _ValidationStep,
+    frozenset({"test_step"}): _TestStep,
+    frozenset({"validation_step", "test_step"}): _ValidationAndTestSteps,
+}
+
+
+def swarm_class_for(template: LightningModule) -> type[AgentSwarm]:
+    """The ``AgentSwarm`` class exposing ``validation_step``/``test_step`` iff ``template`` has them.
+
+    Lightning decides whether to run a validation or test loop by checking whether these methods are
+    overridden, so the swarm must mirror the user's module.
+
+    Examples:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> class NoTest(BoringModel):
+        ...     test_step = LightningModule.test_step
+        >>> cls = swarm_class_for(NoTest())
+        >>> [is_overridden(step, cls, LightningModule) for step in ("validation_step", "test_step")]
+        [True, False]
+    """
+    steps = frozenset(
+        hook for hook in ("validation_step", "test_step") if is_overridden(hook, template, LightningModule)
+    )
+    return _SWARM_CLASSES[steps]
 
 
 def _call_weakly(target: weakref.ref, method: str, agent_id: int, *args: Any, **kwargs: Any) -> Any:
+    """``target().<method>(agent_id, ...)``, or a clear error once the swarm is gone."""
     owner = target()
     if owner is None:
         raise RuntimeError(
@@ -521,6 +602,7 @@ def _call_weakly(target: weakref.ref, method: str, agent_id: int, *args: Any, **
 
 
 def _agent_batch(batch: Any) -> AgentBatch:
+    """``batch`` if it is an ``AgentBatch``, else a clear error (one training dataloader only)."""
     if not isinstance(batch, AgentBatch):
         raise TypeError(
             f"AgentSwarm expects one batch per agent (an AgentBatch) but got {type(batch).__name__}. "
@@ -548,23 +630,8 @@ def _loss_of(agent_id: int, output: Any) -> Tensor | None:
 
 
 def _batch_size(batch: Any) -> int | None:
+    """Lightning's inferred batch size of ``batch``, or ``None`` if it cannot tell."""
     try:
         return extract_batch_size(batch)
     except (MisconfigurationException, RecursionError, TypeError):
         return None
-
-
-_SWARM_CLASSES: dict[frozenset[str], type[AgentSwarm]] = {}
-
-
-def swarm_class_for(template: LightningModule) -> type[AgentSwarm]:
-    """The ``AgentSwarm`` subclass exposing ``validation_step``/``test_step`` iff ``template`` has them.
-
-    Lightning decides whether to run a validation or test loop by checking whether these methods are
-    overridden, so the swarm must mirror the user's module.
-    """
-    steps = frozenset(hook for hook in _EVALUATION_STEPS if is_overridden(hook, template, LightningModule))
-    if steps not in _SWARM_CLASSES:
-        namespace = {hook: getattr(AgentSwarm, f"_{hook}") for hook in steps}
-        _SWARM_CLASSES[steps] = type("AgentSwarm", (AgentSwarm,), namespace)
-    return _SWARM_CLASSES[steps]

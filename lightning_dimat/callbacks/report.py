@@ -9,6 +9,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from lightning_dimat.callbacks.merge import MergeCallback
 
 _AGENT_KEY = re.compile(r"^agent_(\d+)/(.+)$")
 
@@ -60,18 +63,24 @@ class AgentReport(Callback):
         self.history: list[dict[str, Any]] = []
         self.test_results: dict[int, float] = {}
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Records every agent's value of ``monitor`` for this epoch."""
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         values = agent_values(trainer.callback_metrics, self.monitor)
         if values:
             self.history.append({"epoch": trainer.current_epoch, "agents": values})
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Writes the per-agent curves (JSON and PNG)."""
         if self.history:
             self.write(self._merge_epochs(trainer))
 
+    @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Prints and writes the per-agent test table."""
         self.test_results = agent_values(trainer.callback_metrics, self.test_metric)
         if self.test_results:
             self._print(self.test_results)
@@ -89,8 +98,6 @@ class AgentReport(Callback):
 
     @staticmethod
     def _merge_epochs(trainer: Trainer) -> list[int]:
-        from lightning_dimat.callback import MergeCallback
-
         for callback in trainer.callbacks:
             if isinstance(callback, MergeCallback):
                 return list(callback.merged_epochs)

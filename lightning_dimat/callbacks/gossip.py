@@ -18,7 +18,7 @@ parameters and averages the floating buffers with its shares normalised per rece
 stay statistics on a directed graph); integer entries (``num_batches_tracked``) stay the agent's own. With
 ``precision="16-mixed"`` a step the GradScaler skips (inf gradients in any agent) still gossips — without a
 local update — in both. Communication is counted per step in a
-:class:`~lightning_dimat.communication.CommunicationLedger` and logged at each epoch end as ``comm/*``.
+:class:`~lightning_dimat.comm.CommunicationLedger` and logged at each epoch end as ``comm/*``.
 """
 
 from __future__ import annotations
@@ -26,30 +26,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_dimat.callback import communication_metrics, detached_state, gather_objects, gathered_ledger
-from lightning_dimat.communication import CommunicationLedger, receivers_of, state_bytes
-from lightning_dimat.merge import load_state_in_place, weighted_state
+from lightning_dimat.callbacks.metrics import communication_metrics, gathered_ledger
+from lightning_dimat.comm.gather import gather_fields_by_agent
+from lightning_dimat.comm.ledger import CommunicationLedger
+from lightning_dimat.merge.state import StateDict, weighted_state
 from lightning_dimat.strategy import DIMATStrategy
+from lightning_dimat.topology import column_stochastic
 
-StateDict = dict[str, Tensor]
 PUSH_SUM_WEIGHT = "__push_sum_weight__"
 
 
 class _GossipCallback(Callback):
-    """Shared plumbing: the strategy, the agents' states, the ledger and its logging."""
+    """Shared plumbing: the strategy, the ledger and its logging."""
 
     def __init__(self) -> None:
         self.ledger = CommunicationLedger()
         self.steps = 0
         self._strategy_ref: DIMATStrategy | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Checks for the DIMAT strategy."""
         if not isinstance(trainer.strategy, DIMATStrategy):
             raise ValueError(
                 f"{type(self).__name__} needs Trainer(strategy=DIMATStrategy(...)), "
@@ -57,10 +60,12 @@ class _GossipCallback(Callback):
             )
         self._strategy_ref = trainer.strategy
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keeps this process's agents' counts (a checkpoint holds every process's agents)."""
         strategy = self._strategy(trainer)
         assert strategy.swarm is not None
-        self.ledger.restrict(strategy.swarm.agent_ids)  # a checkpoint holds every process's agents
+        self.ledger.restrict(strategy.swarm.agent_ids)
 
     @staticmethod
     def _strategy(trainer: Trainer) -> DIMATStrategy:
@@ -68,25 +73,21 @@ class _GossipCallback(Callback):
         assert isinstance(strategy, DIMATStrategy) and strategy.swarm is not None
         return strategy
 
-    @staticmethod
-    def _states(strategy: DIMATStrategy) -> dict[int, StateDict]:
-        assert strategy.swarm is not None
-        return {agent_id: detached_state(agent.state_dict()) for agent_id, agent in strategy.swarm.items()}
-
-    def _with_remote(self, strategy: DIMATStrategy, states: dict[int, StateDict]) -> dict[int, StateDict]:
-        remote, _ = strategy.exchange(states)
-        device = strategy.root_device
-        return {**states, **{j: {k: v.to(device) for k, v in s.items()} for j, s in remote.items()}}
-
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Logs the cumulative communication counts."""
         metrics = communication_metrics(self.ledger, self._strategy(trainer))
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """Steps done and the communication counts of every process's agents."""
         return {"steps": self.steps, "ledger": gathered_ledger(self.ledger, self._strategy_ref)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`."""
         self.steps = int(state_dict["steps"])
         self.ledger.load_state_dict(state_dict["ledger"])
 
@@ -103,22 +104,17 @@ class CDSGDCallback(_GossipCallback):
         [1, 4]
     """
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        strategy = self._strategy(trainer)
-        assert strategy.swarm is not None
-        local = self._states(strategy)
-        states = self._with_remote(strategy, local)
-        topology = strategy.topology
-        for agent_id, agent in strategy.swarm.items():
-            weights = topology.weights(agent_id)
-            order = [agent_id, *sorted(j for j in weights if j != agent_id)]
-            load_state_in_place(
-                agent, weighted_state([states[j] for j in order], [weights[j] for j in order])
-            )
+        """Mixes every agent's weights with its neighbours' before its optimizer applies the gradient."""
+        round = self._strategy(trainer).begin_round(index=self.steps, ledger=self.ledger)
+        states = round.gather()
+        mixed = {
+            handle.agent_id: weighted_state([states[j] for j in handle.order], handle.mixing_row)
+            for handle in round
+        }
+        round.commit(mixed, recompute_batchnorm=False)
         self.steps += 1
-        self.ledger.record_exchange(
-            receivers_of(topology, strategy.swarm.agent_ids), state_bytes(local[strategy.swarm.agent_ids[0]])
-        )
 
 
 class SGPCallback(_GossipCallback):
@@ -146,7 +142,9 @@ class SGPCallback(_GossipCallback):
         self.push_weights: dict[int, float] = {}
         self._pending = False
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Checks the push matrix against the strategy's agents and processes."""
         super().setup(trainer, pl_module, stage)
         strategy = trainer.strategy
         assert isinstance(strategy, DIMATStrategy)
@@ -167,11 +165,13 @@ class SGPCallback(_GossipCallback):
     def _push_matrix(self, strategy: DIMATStrategy) -> np.ndarray:
         return strategy.topology.mixing if self.mixing is None else self.mixing
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Starts the push-sum numerators and weights (a resumed run has them from the checkpoint)."""
         super().on_train_start(trainer, pl_module)
         strategy = self._strategy(trainer)
         assert strategy.swarm is not None
-        if not self.numerators:  # fresh run (a resumed one has them from the checkpoint)
+        if not self.numerators:
             self.push_weights = dict.fromkeys(strategy.swarm.agent_ids, 1.0)
             self.numerators = {
                 g: _numerator(agent, agent.state_dict()) for g, agent in strategy.swarm.items()
@@ -183,31 +183,38 @@ class SGPCallback(_GossipCallback):
             }
             self.push_weights = {g: self.push_weights[g] for g in strategy.swarm.agent_ids}
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Marks the batch: the push follows the local step, at the end of the batch."""
         # Every process reaches this hook once per optimizer step (even one that a GradScaler then skips),
         # so every process pushes at the same batches.
         self._pending = True
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Pushes numerators and weights to the neighbours and de-biases every agent's model."""
         if not self._pending:  # no optimizer step on this batch (gradient accumulation)
             return
         self._pending = False
         strategy = self._strategy(trainer)
-        assert strategy.swarm is not None
         mixing = self._push_matrix(strategy)
+        round = strategy.begin_round(index=self.steps, ledger=self.ledger, snapshot=False)
         payloads: dict[int, StateDict] = {}
-        for agent_id, agent in strategy.swarm.items():
-            numerator, weight = self.numerators[agent_id], self.push_weights[agent_id]
-            state = agent.state_dict()
+        for handle in round:
+            numerator, weight = self.numerators[handle.agent_id], self.push_weights[handle.agent_id]
+            state = handle.module.state_dict()
             # z_i ← z_i + (x_i' − x_i): the local step, applied to the numerator (x_i = z_i / w_i before it).
             payload = {k: z + (state[k].to(z.dtype) - z / weight) for k, z in numerator.items()}
             payload.update({k: v.detach().clone() for k, v in state.items() if k not in numerator})
-            payload[PUSH_SUM_WEIGHT] = torch.tensor(weight, dtype=torch.float64, device=state_device(state))
-            payloads[agent_id] = payload
-        pushed = self._with_remote(strategy, payloads)
-        for agent_id, agent in strategy.swarm.items():
+            payload[PUSH_SUM_WEIGHT] = torch.tensor(weight, dtype=torch.float64, device=_device_of(state))
+            payloads[handle.agent_id] = payload
+        receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in payloads}
+        pushed = round.gather(payloads, receivers=receivers)
+        new_states: dict[int, StateDict] = {}
+        for handle in round:
+            agent_id = handle.agent_id
             senders = [agent_id, *(int(j) for j in np.flatnonzero(mixing[agent_id]) if j != agent_id)]
             shares = [float(mixing[agent_id, j]) for j in senders]
             numerator_keys = [*self.numerators[agent_id], PUSH_SUM_WEIGHT]
@@ -219,24 +226,27 @@ class SGPCallback(_GossipCallback):
                 [share / sum(shares) for share in shares],
             )
             self.numerators[agent_id], self.push_weights[agent_id] = mixed, weight
-            load_state_in_place(agent, {**{k: z / weight for k, z in mixed.items()}, **buffers})
+            new_states[agent_id] = {**{k: z / weight for k, z in mixed.items()}, **buffers}
+        round.commit(new_states, recompute_batchnorm=False)
         self.steps += 1
-        size = state_bytes(payloads[strategy.swarm.agent_ids[0]])
-        receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in payloads}
-        self.ledger.record_exchange(receivers, size)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """The counts, and every process's push-sum numerators and weights by agent id."""
         local = {
             "numerators": {g: {k: t.cpu() for k, t in z.items()} for g, z in self.numerators.items()},
             "push_weights": dict(self.push_weights),
         }
-        gathered = gather_objects(self._strategy_ref, local)  # checkpoints are written once, from rank 0
-        return {
-            **super().state_dict(),
-            **{name: {g: v for part in gathered for g, v in part[name].items()} for name in local},
-        }
+        gathered = (
+            local
+            if self._strategy_ref is None
+            else gather_fields_by_agent(self._strategy_ref.all_gather_object, local)
+        )
+        return {**super().state_dict(), **gathered}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`."""
         super().load_state_dict(state_dict)
         self.numerators = {int(k): dict(v) for k, v in state_dict["numerators"].items()}
         self.push_weights = {int(k): float(v) for k, v in state_dict["push_weights"].items()}
@@ -257,50 +267,5 @@ def _subset(state: StateDict, keys: Any) -> StateDict:
     return {key: value for key, value in state.items() if key in wanted}
 
 
-def column_stochastic(mixing: Sequence[Sequence[float]], atol: float = 1e-6) -> np.ndarray:
-    """Checks that ``mixing`` is a valid push-sum matrix (square, non-negative, column-stochastic); returns it
-    as float64.
-
-    Every agent must keep a positive share (positive diagonal) and the directed graph must be strongly
-    connected; otherwise a push-sum weight can reach 0 and the de-biased model diverges.
-
-    Examples:
-        >>> column_stochastic([[0.5, 0.25], [0.5, 0.75]]).sum(axis=0)
-        array([1., 1.])
-    """
-    array = np.asarray(mixing, dtype=np.float64)
-    if array.ndim != 2 or array.shape[0] != array.shape[1] or len(array) < 2:
-        raise ValueError(f"The push-sum matrix must be square N × N with N >= 2, got shape {array.shape}.")
-    if not np.isfinite(array).all() or (array < 0).any():
-        i, j = np.argwhere(~np.isfinite(array) | (array < 0))[0]
-        raise ValueError(f"Push-sum shares must be finite and >= 0, but entry ({i}, {j}) = {array[i, j]}.")
-    sums = array.sum(axis=0)
-    worst = int(np.argmax(np.abs(sums - 1)))
-    if abs(sums[worst] - 1) > atol:
-        raise ValueError(
-            f"The push-sum matrix must be column-stochastic (what agent j pushes sums to 1), but column "
-            f"{worst} sums to {sums[worst]:.6g}; divide each column by its sum."
-        )
-    missing = np.flatnonzero(np.diag(array) <= 0)
-    if missing.size:
-        raise ValueError(
-            f"Every agent must keep a share of its own push-sum mass, but P[{missing[0]}][{missing[0]}] = "
-            f"{array[missing[0], missing[0]]}; give the diagonal positive weights (e.g. 1/(out-degree + 1))."
-        )
-    graph = nx.from_numpy_array((array > 0).astype(np.int8), create_using=nx.DiGraph)
-    if not nx.is_strongly_connected(graph):
-        parts = sorted(sorted(part) for part in nx.strongly_connected_components(graph))
-        raise ValueError(
-            f"The push-sum graph must be strongly connected (every agent reaches every other), but it splits "
-            f"into {parts}; add links so that mass flows between them, or the de-biasing weights vanish."
-        )
-    return array
-
-
-def state_device(state: StateDict) -> torch.device:
+def _device_of(state: StateDict) -> torch.device:
     return next(iter(state.values())).device
-
-
-def _optimizer_steps(strategy: DIMATStrategy) -> int:
-    assert strategy.swarm is not None
-    return sum(strategy.swarm.swarm_optimizer.steps.values())

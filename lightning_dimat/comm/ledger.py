@@ -6,15 +6,16 @@ size times the number of receivers — whether or not those agents share a proce
 that actually cross a process boundary are logged separately as ``merge/bytes_sent``). DIMAT's activation
 matching also costs forward passes: ``forward_samples`` counts the samples each agent runs through its own
 and its neighbours' models per merge (plus BatchNorm re-estimation).
+
+Like a torchmetrics ``Metric``, the ledger declares its state (:attr:`CommunicationLedger.FIELDS`: one
+``{agent id: count}`` per field) and how each field reduces over agents, so totals over processes come from
+one gather of the per-agent counts (:func:`lightning_dimat.comm.gather.gather_fields_by_agent`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
-from torch import Tensor
+from typing import Any, ClassVar
 
 from lightning_dimat.topology import Topology
 
@@ -24,12 +25,9 @@ def receivers_of(topology: Topology, agent_ids: Iterable[int]) -> dict[int, int]
     return {agent_id: topology.degree(agent_id) for agent_id in agent_ids}
 
 
-def state_bytes(state: Mapping[str, Tensor]) -> int:
-    """Bytes needed to send ``state`` (every tensor at its own dtype)."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+_REDUCTIONS = {"sum": sum, "max": lambda values: max(values, default=0)}
 
 
-@dataclass
 class CommunicationLedger:
     """Cumulative communication counts per agent id.
 
@@ -41,55 +39,63 @@ class CommunicationLedger:
         (1, 200, 800.0)
     """
 
-    rounds: dict[int, int] = field(default_factory=dict)
-    bytes_sent: dict[int, int] = field(default_factory=dict)
-    messages_sent: dict[int, int] = field(default_factory=dict)
-    forward_samples: dict[int, int] = field(default_factory=dict)
+    FIELDS: ClassVar[dict[str, str]] = {
+        "rounds": "max",
+        "bytes_sent": "sum",
+        "messages_sent": "sum",
+        "forward_samples": "sum",
+    }
+    """Each field's reduction over agents: ``rounds`` is the most any agent did, the rest are summed."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, int] = {}
+        self.bytes_sent: dict[int, int] = {}
+        self.messages_sent: dict[int, int] = {}
+        self.forward_samples: dict[int, int] = {}
+
+    def _add(self, field: str, agent_id: int, amount: int) -> None:
+        counts: dict[int, int] = getattr(self, field)
+        counts[agent_id] = counts.get(agent_id, 0) + amount
 
     def record_exchange(self, receivers: Mapping[int, int], state_size: int) -> None:
         """One round: each agent in ``receivers`` sends ``state_size`` bytes to that many other agents."""
         for agent_id, count in receivers.items():
-            self.rounds[agent_id] = self.rounds.get(agent_id, 0) + 1
-            self.messages_sent[agent_id] = self.messages_sent.get(agent_id, 0) + count
-            self.bytes_sent[agent_id] = self.bytes_sent.get(agent_id, 0) + count * state_size
+            self._add("rounds", agent_id, 1)
+            self._add("messages_sent", agent_id, count)
+            self._add("bytes_sent", agent_id, count * state_size)
 
     def record_forward(self, agent_id: int, samples: int) -> None:
         """``samples`` extra forward passes run by ``agent_id`` (not training steps)."""
-        self.forward_samples[agent_id] = self.forward_samples.get(agent_id, 0) + samples
+        self._add("forward_samples", agent_id, samples)
 
-    def totals(self) -> dict[str, float]:
-        """``comm/rounds`` (per agent; the most any agent did), ``comm/bytes_sent``, ``comm/messages_sent``
-        and ``comm/forward_samples`` summed over the agents counted here."""
+    def totals(self, state: Mapping[str, Mapping[int, int]] | None = None) -> dict[str, float]:
+        """``comm/<field>`` reduced over the agents of ``state`` (default: this ledger's own)."""
+        state = self.state_dict() if state is None else state
         return {
-            "comm/rounds": float(max(self.rounds.values(), default=0)),
-            "comm/bytes_sent": float(sum(self.bytes_sent.values())),
-            "comm/messages_sent": float(sum(self.messages_sent.values())),
-            "comm/forward_samples": float(sum(self.forward_samples.values())),
+            f"comm/{name}": float(_REDUCTIONS[reduction](state.get(name, {}).values()))
+            for name, reduction in self.FIELDS.items()
         }
 
-    def per_agent(self) -> dict[str, float]:
+    def per_agent(self, state: Mapping[str, Mapping[int, int]] | None = None) -> dict[str, float]:
         """``comm/agent_<i>/rounds``, ``.../bytes_sent`` and ``.../forward_samples`` per agent counted."""
+        state = self.state_dict() if state is None else state
         metrics: dict[str, float] = {}
-        for agent_id in sorted(set(self.rounds) | set(self.forward_samples)):
-            metrics[f"comm/agent_{agent_id}/rounds"] = float(self.rounds.get(agent_id, 0))
-            metrics[f"comm/agent_{agent_id}/bytes_sent"] = float(self.bytes_sent.get(agent_id, 0))
-            metrics[f"comm/agent_{agent_id}/forward_samples"] = float(self.forward_samples.get(agent_id, 0))
+        for agent_id in sorted(set(state["rounds"]) | set(state["forward_samples"])):
+            for name in ("rounds", "bytes_sent", "forward_samples"):
+                metrics[f"comm/agent_{agent_id}/{name}"] = float(state[name].get(agent_id, 0))
         return metrics
 
     def restrict(self, agent_ids: Iterable[int]) -> None:
         """Keeps only ``agent_ids``' counts (after loading a checkpoint that holds every process's agents)."""
         keep = set(agent_ids)
-        for name in ("rounds", "bytes_sent", "messages_sent", "forward_samples"):
+        for name in self.FIELDS:
             setattr(self, name, {g: v for g, v in getattr(self, name).items() if g in keep})
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "rounds": dict(self.rounds),
-            "bytes_sent": dict(self.bytes_sent),
-            "messages_sent": dict(self.messages_sent),
-            "forward_samples": dict(self.forward_samples),
-        }
+    def state_dict(self) -> dict[str, dict[int, int]]:
+        """Every field's ``{agent id: count}`` (copies)."""
+        return {name: dict(getattr(self, name)) for name in self.FIELDS}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for name in ("rounds", "bytes_sent", "messages_sent", "forward_samples"):
+        """Restores the counts written by :meth:`state_dict`."""
+        for name in self.FIELDS:
             setattr(self, name, {int(k): int(v) for k, v in state.get(name, {}).items()})

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dimat.placement import agents_on_rank
+from lightning_dimat.comm.placement import agents_on_rank
 from lightning_dimat.topology import Topology
 
 StateDict = dict[str, Tensor]
