@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from typing import Any, Literal
 
+import networkx as nx
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_dimat.callbacks.metrics import (
@@ -14,15 +18,19 @@ from lightning_dimat.callbacks.metrics import (
     gathered_ledger,
     summed_over_processes,
 )
+from lightning_dimat.comm.gather import gather_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
 from lightning_dimat.merge.combine import merge_into_basis
 from lightning_dimat.merge.inputs import first_input, num_samples
 from lightning_dimat.merge.matchers import Matcher, resolve_matcher
-from lightning_dimat.merge.state import StateDict
+from lightning_dimat.merge.state import StateDict, load_state_in_place
+from lightning_dimat.permutation.apply import permute_state
 from lightning_dimat.permutation.cache import spec_for
+from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy, MergeRound
-from lightning_dimat.validation import check_choice, check_int
+from lightning_dimat.topology import Topology
+from lightning_dimat.validation import check_choice, check_index, check_int
 
 
 class MergeCallback(Callback):
@@ -34,10 +42,21 @@ class MergeCallback(Callback):
     into its own basis on its own data (P_ii = I, so its optimizer state stays valid), then its BatchNorm
     statistics are re-estimated on the same ``num_batches`` batches of its own shard.
 
+    **Bases.** With ``basis="own"`` (the paper's DIMAT) agents never share a basis: every merge pays the full
+    matching loss. With ``basis="shared"``, before the first merge every agent is brought into the basis of
+    agent ``root`` once: it aligns itself to its parent in a breadth-first spanning tree of the topology (on
+    its own data, with its parent's weights) and composes those permutations along its path to the root (only
+    tree neighbours' weights and permutation indices are exchanged); its optimizer state is permuted with
+    it, so its function and its next step do not change. Later merges re-match as usual, and the matcher's
+    ``identity_bias`` decides how far a unit must beat staying in place to move. The shared basis is kept in
+    checkpoints. Matchers without permutations (``"average"``) need no basis.
+
     Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the neighbour states each
     agent receives, summed over local agents), ``merge/bytes_sent`` (bytes that crossed process boundaries),
     ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
-    ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters), and the
+    ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters),
+    ``merge/permuted_fraction`` (units moved by the round's permutations, mean over channel groups, neighbours
+    and agents), and the
     cumulative communication counts of :class:`~lightning_dimat.comm.CommunicationLedger`
     (``comm/rounds``, ``comm/bytes_sent``, ``comm/messages_sent``, ``comm/forward_samples``).
 
@@ -55,6 +74,9 @@ class MergeCallback(Callback):
         optimizer_state: ``"keep"`` each agent's optimizer state (momentum, Adam moments) across a merge —
             valid because an agent keeps its own basis (P_ii = I) — or ``"reset"`` it after every merge, as
             the official DIMAT code does by re-creating its optimizer each round.
+        basis: ``"own"`` (paper-faithful: every agent stays in its own basis) or ``"shared"`` (all agents
+            brought into one basis before the first merge).
+        root: the agent whose basis becomes the shared one.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -73,11 +95,16 @@ class MergeCallback(Callback):
         recompute_batchnorm: bool = True,
         spec: PermutationSpec | None = None,
         optimizer_state: Literal["keep", "reset"] = "keep",
+        basis: Literal["own", "shared"] = "own",
+        root: int = 0,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
         self.num_batches = check_int("num_batches", num_batches, minimum=1)
         self.optimizer_state = check_choice("optimizer_state", optimizer_state, ("keep", "reset"))
+        self.basis = check_choice("basis", basis, ("own", "shared"))
+        self.root = check_int("root", root, minimum=0)
+        self.basis_built = False
         self.method = method
         self.matcher = resolve_matcher(method)
         self.recompute_batchnorm = recompute_batchnorm
@@ -130,18 +157,21 @@ class MergeCallback(Callback):
         """Runs one synchronous merge round of all local agents with their neighbours."""
         strategy = self._dimat(trainer)
         started = time.perf_counter()
+        if self.basis == "shared" and self.matcher.uses_spec and not self.basis_built:
+            self.enter_shared_basis(trainer)
         wants_data = self.matcher.requires_data or self.recompute_batchnorm
         round = strategy.begin_round(
             num_batches=self.num_batches if wants_data else None, index=self.round, ledger=self.ledger
         )
         states = round.gather()
         merged: dict[int, StateDict] = {}
+        moved: list[float] = []
         for handle in round:
             data = handle.batches if self.matcher.requires_data else None
             if data is not None and self.matcher.runs_neighbours:
                 self.ledger.record_forward(handle.agent_id, len(handle.order) * num_samples(data))
             with handle.activate():
-                merged[handle.agent_id], _ = merge_into_basis(
+                merged[handle.agent_id], found = merge_into_basis(
                     handle.module,
                     states[handle.agent_id],
                     [states[j] for j in handle.neighbours],
@@ -151,15 +181,64 @@ class MergeCallback(Callback):
                     spec=self._spec,
                     forward_context=round.forward_context,
                 )
+            moved.extend(moved_fraction(permutations) for permutations in found)
         round.commit(
             merged, recompute_batchnorm=self.recompute_batchnorm, optimizer_state=self.optimizer_state
         )
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
         self.last_bytes_sent = round.bytes_sent
-        self._log(pl_module, self._metrics(round, strategy, time.perf_counter() - started))
+        self._log(pl_module, self._metrics(round, strategy, time.perf_counter() - started, moved))
 
-    def _metrics(self, round: MergeRound, strategy: DIMATStrategy, seconds: float) -> dict[str, float]:
+    def enter_shared_basis(self, trainer: Trainer) -> None:
+        """Brings every agent into agent ``root``'s basis, with its optimizer state (see the class doc)."""
+        strategy = self._dimat(trainer)
+        parents = strategy.topology.spanning_tree(check_index("root", self.root, strategy.num_agents))
+        tree = Topology.from_graph(
+            nx.Graph([(child, parent) for child, parent in parents.items() if parent is not None])
+        )
+        round = strategy.begin_round(
+            num_batches=self.num_batches if self.matcher.requires_data else None,
+            index=self.round,
+            ledger=self.ledger,
+            topology=tree,
+        )
+        states = round.gather()
+        aligner = _without_identity_bias(self.matcher)
+        pairwise: dict[int, dict[str, Tensor]] = {}
+        for handle in round:
+            parent = parents[handle.agent_id]
+            if parent is None:
+                continue
+            reference = copy.deepcopy(handle.module)
+            load_state_in_place(reference, states[parent])
+            with handle.activate():
+                (found,) = aligner.match(
+                    reference,
+                    [states[handle.agent_id]],
+                    handle.batches if aligner.requires_data else None,
+                    spec=self._spec,
+                    forward_context=round.forward_context,
+                )
+            pairwise[handle.agent_id] = {group: p.cpu() for group, p in found.items()}
+        paths = basis_permutations(parents, gather_by_agent(strategy.all_gather_object, pairwise))
+        local = {handle.agent_id: paths[handle.agent_id] for handle in round}
+        spec = self._spec
+        assert spec is not None
+        round.commit(
+            {
+                g: permute_state(round.snapshot[g], spec, p) if p else round.snapshot[g]
+                for g, p in local.items()
+            },
+            recompute_batchnorm=False,
+            permutations=local,
+            spec=spec,
+        )
+        self.basis_built = True
+
+    def _metrics(
+        self, round: MergeRound, strategy: DIMATStrategy, seconds: float, moved: list[float]
+    ) -> dict[str, float]:
         names = [name for name, _ in next(iter(round)).module.named_parameters()]
         before, after, count = consensus_distances(round.snapshot, round.local_states(), names, strategy)
         local = {
@@ -168,6 +247,8 @@ class MergeCallback(Callback):
             "before": before,
             "after": after,
             "count": count,
+            "moved": float(sum(moved)),
+            "pairs": float(len(moved)),
         }
         summed, ledger_state = summed_over_processes(local, self.ledger, strategy)
         return {
@@ -178,6 +259,7 @@ class MergeCallback(Callback):
             "merge/spectral_gap": round.topology.spectral_gap,
             "merge/consensus_distance_before": summed["before"] / summed["count"],
             "merge/consensus_distance_after": summed["after"] / summed["count"],
+            "merge/permuted_fraction": summed["moved"] / max(summed["pairs"], 1.0),
             **communication_metrics(self.ledger, strategy, ledger_state),
         }
 
@@ -199,6 +281,7 @@ class MergeCallback(Callback):
             "round": self.round,
             "merged_epochs": list(self.merged_epochs),
             "ledger": gathered_ledger(self.ledger, self._strategy),
+            "basis_built": self.basis_built,
         }
 
     @override
@@ -207,3 +290,13 @@ class MergeCallback(Callback):
         self.round = int(state_dict["round"])
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
+        self.basis_built = bool(state_dict.get("basis_built", False))
+
+
+def _without_identity_bias(matcher: Matcher) -> Matcher:
+    """``matcher`` with ``identity_bias=0``: entering the shared basis is a plain alignment."""
+    if dataclasses.is_dataclass(matcher) and any(
+        f.name == "identity_bias" for f in dataclasses.fields(matcher)
+    ):
+        return dataclasses.replace(matcher, identity_bias=0.0)
+    return matcher

@@ -283,6 +283,7 @@ class DIMATStrategy(DDPStrategy):
         index: int = 0,
         ledger: CommunicationLedger | None = None,
         snapshot: bool = True,
+        topology: Topology | None = None,
     ) -> MergeRound:
         """Starts a round: snapshots the local agents and draws ``num_batches`` of each one's own data.
 
@@ -293,9 +294,11 @@ class DIMATStrategy(DDPStrategy):
             ledger: where the round counts bytes and forward passes.
             snapshot: keep a copy of every local agent's state (what :meth:`MergeRound.gather` sends by
                 default); rounds that send something else (push-sum) skip it.
+            topology: the graph of this round instead of :meth:`topology_for_round` (e.g. a spanning tree).
         """
         assert self.swarm is not None
-        swarm, topology = self.swarm, self.topology_for_round(index)
+        swarm = self.swarm
+        topology = self.topology_for_round(index) if topology is None else topology
         optimizers = self._agent_optimizers()
         handles = {
             agent_id: AgentHandle(

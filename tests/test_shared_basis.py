@@ -1,0 +1,169 @@
+"""MergeCallback(basis="shared"): all agents brought into one basis along a spanning tree, once."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BlobsData, TinyNet, agent_states, make_trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_dimat import ActivationMatcher, DIMATStrategy, MergeCallback
+from lightning_dimat.permutation import permute_state, random_permutations
+from lightning_dimat.permutation.cache import spec_for
+from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
+
+PROBE = torch.randn(32, 8, generator=torch.Generator().manual_seed(5))
+
+
+class _PermuteAgentsAtStart(Callback):
+    """Turns the agents (copies of one model) into randomly permuted copies: the same function, N bases."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        generator = torch.Generator().manual_seed(3)
+        for agent_id, agent in trainer.strategy.swarm.items():
+            spec = spec_for(agent, PROBE)
+            if agent_id > 0:
+                permuted = permute_state(agent.state_dict(), spec, random_permutations(spec, generator))
+                agent.load_state_dict(permuted)
+
+
+class _RecordingMerge(MergeCallback):
+    """Checks, around entering the shared basis, that functions and the next SGD step do not change."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.entered = 0
+        self.output_change = 0.0
+        self.step_change = 0.0
+
+    def enter_shared_basis(self, trainer: Trainer) -> None:
+        swarm = trainer.strategy.swarm
+        before = {}
+        for agent_id, agent in swarm.items():
+            twin = copy.deepcopy(agent)
+            optimizer = swarm.swarm_optimizer.optimizers[agent_id]
+            twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+            twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+            before[agent_id] = (twin, twin_optimizer)
+        super().enter_shared_basis(trainer)
+        self.entered += 1
+        x, y = PROBE, torch.arange(len(PROBE)) % 4
+        for agent_id, agent in swarm.items():
+            twin, twin_optimizer = before[agent_id]
+            with torch.no_grad():
+                self.output_change = max(
+                    self.output_change, float((agent.eval()(x) - twin.eval()(x)).abs().max())
+                )
+            # One SGD-momentum step for each (a copy of the agent, so that training is not disturbed).
+            stepped = copy.deepcopy(agent)
+            stepped_optimizer = torch.optim.SGD(stepped.parameters(), lr=0.1, momentum=0.9)
+            stepped_optimizer.load_state_dict(
+                copy.deepcopy(swarm.swarm_optimizer.optimizers[agent_id].state_dict())
+            )
+            for model, model_optimizer in ((stepped, stepped_optimizer), (twin, twin_optimizer)):
+                model.train()
+                model_optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                model_optimizer.step()
+            with torch.no_grad():
+                self.step_change = max(
+                    self.step_change, float((stepped.eval()(x) - twin.eval()(x)).abs().max())
+                )
+            agent.train()
+
+
+def _fit(
+    callbacks: list[Callback], max_epochs: int = 1, lr: float = 0.1, partition: str = "by_class"
+) -> Trainer:
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=6, topology="ring", partition=partition, agent_init="copy"),
+        callbacks=callbacks,
+        max_epochs=max_epochs,
+    )
+    torch.manual_seed(0)  # the module the agents are copies of
+    trainer.fit(TinyNet(lr=lr, momentum=0.9, dropout=0.0), datamodule=BlobsData())
+    return trainer
+
+
+def test_entering_the_shared_basis_changes_no_function_and_no_next_step() -> None:
+    merge = _RecordingMerge(every_n_epochs=1, method="activation", num_batches=2, basis="shared")
+    _fit([merge])
+    assert merge.entered == 1 and merge.basis_built
+    assert merge.output_change <= 1e-4
+    assert merge.step_change <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["activation", "weight"])
+def test_permuted_copies_of_one_model_become_identical_weights_on_a_ring_of_6(method: str) -> None:
+    # (IID shards: every hidden unit varies on every agent's data, so activations identify each unit.)
+    merge = MergeCallback(every_n_epochs=1, method=method, num_batches=3, basis="shared")
+    trainer = _fit([_PermuteAgentsAtStart(), merge], lr=0.0, partition="iid")
+    states = agent_states(trainer)
+    names = [name for name, _ in trainer.strategy.swarm.agent(0).named_parameters()]
+    for agent_id in states:
+        for name in names:
+            assert torch.allclose(states[agent_id][name], states[0][name], atol=1e-6), (agent_id, name)
+    # In one basis, the merge itself moved nothing.
+    assert float(trainer.callback_metrics["merge/permuted_fraction"]) == 0.0
+
+
+def test_in_their_own_bases_permuted_copies_keep_permuting_every_merge() -> None:
+    merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, basis="own")
+    trainer = _fit([_PermuteAgentsAtStart(), merge], lr=0.0)
+    assert float(trainer.callback_metrics["merge/permuted_fraction"]) > 0.5
+
+
+def test_an_infinite_identity_bias_is_plain_averaging() -> None:
+    never_moves = MergeCallback(every_n_epochs=1, method=ActivationMatcher(identity_bias=1e9), num_batches=2)
+    average = MergeCallback(every_n_epochs=1, method="average", num_batches=2)
+    biased, plain = (
+        agent_states(_fit([never_moves], max_epochs=2)),
+        agent_states(_fit([average], max_epochs=2)),
+    )
+    for agent_id in plain:
+        for key in plain[agent_id]:
+            assert torch.allclose(biased[agent_id][key], plain[agent_id][key], atol=1e-6), (agent_id, key)
+
+
+def test_resuming_keeps_the_shared_basis_and_the_weights(tmp_path: Path) -> None:
+    def run(max_epochs: int, merge: MergeCallback, **fit: Any) -> Trainer:
+        checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+        trainer = make_trainer(
+            strategy=DIMATStrategy(num_agents=4, topology="ring", partition="by_class"),
+            callbacks=[merge, checkpoints],
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+        )
+        trainer.fit(TinyNet(momentum=0.9, dropout=0.0), datamodule=BlobsData(), **fit)
+        return trainer
+
+    options = {"every_n_epochs": 1, "method": "activation", "num_batches": 2, "basis": "shared"}
+    uninterrupted = run(3, _RecordingMerge(**options))
+    resumed_merge = _RecordingMerge(**options)
+    (checkpoint,) = tmp_path.glob("epoch=1-*.ckpt")
+    resumed = run(3, resumed_merge, ckpt_path=checkpoint)
+    assert resumed_merge.basis_built and resumed_merge.entered == 0  # not rebuilt after resuming
+    expected, actual = agent_states(uninterrupted), agent_states(resumed)
+    for agent_id in expected:
+        for key in expected[agent_id]:
+            assert torch.equal(expected[agent_id][key], actual[agent_id][key]), (agent_id, key)
+
+
+def test_tree_composition_and_moved_fraction() -> None:
+    parents = {0: None, 1: 0, 2: 1, 3: 0}
+    pairwise = {g: {"h": torch.randperm(5, generator=torch.Generator().manual_seed(g))} for g in (1, 2, 3)}
+    paths = basis_permutations(parents, pairwise)
+    x = torch.arange(5) * 10
+    # Agent 2 → its parent 1's basis → the root's basis.
+    assert torch.equal(x[paths[2]["h"]], x[pairwise[2]["h"]][pairwise[1]["h"]])
+    assert paths[0] == {} and moved_fraction({}) == 0.0
+    with pytest.raises(ValueError, match="exactly one root"):
+        basis_permutations({0: None, 1: None}, {})
+    with pytest.raises(ValueError, match=r"Agents \[2\] have a parent but no permutation"):
+        basis_permutations({0: None, 1: 0, 2: 1}, {1: pairwise[1]})
