@@ -8,6 +8,14 @@ matcher; every θ(α) is then the library's ``combine`` (permute + weighted sum)
     python benchmarks/merge_quality.py --width 1 --epochs 30          # CPU, ~30 min here
     python benchmarks/merge_quality.py --width 4 --epochs 40 --device cuda
     python benchmarks/merge_quality.py --smoke      # seconds: random 8×8 images, 1 epoch, meaningless numbers
+
+With ``--agents N`` it also trains N agents independently on N shards (IID and by-class non-IID) and runs
+one merge round on a fully connected graph and a ring, for plain averaging, DIMAT in each agent's own basis
+(the paper) and DIMAT in a shared basis with identity biases λ: the agents' mean test accuracy after the
+merge and the accuracy of their consensus (all merged agents averaged in one basis, BatchNorm on every
+agent's data). ``--skip-pairwise`` runs only that part.
+
+    python benchmarks/merge_quality.py --agents 5 --epochs 20 --skip-pairwise --tag agents_cpu_w1
 """
 
 from __future__ import annotations
@@ -25,13 +33,19 @@ from common import RESULTS, output_path, parse_args, save_json
 
 from lightning_dimat.data import TinyImageNetDataModule
 from lightning_dimat.merge import (
+    ActivationMatcher,
     combine,
     load_state_in_place,
     matcher_spec,
+    merge_into_basis,
     recompute_batchnorm,
     resolve_matcher,
 )
 from lightning_dimat.models import resnet20
+from lightning_dimat.partition import partition
+from lightning_dimat.permutation import permute_state
+from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
+from lightning_dimat.topology import build_topology
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny-imagenet-20.zip"
 METHODS = ("average", "weight", "activation")
@@ -44,9 +58,18 @@ SMOKE = {
     "image_size": 8,
     "calibration_images": 16,
     "device": "cpu",
-    "train_images": 32,
+    "train_images": 48,
     "test_images": 16,
+    "agents": 3,
 }
+AGENT_SETTINGS = (  # (label, matcher name, basis, identity bias λ)
+    ("WA (average)", "average", "own", 0.0),
+    ("DIMAT own basis (paper)", "activation", "own", 0.0),
+    ("DIMAT shared, λ=0", "activation", "shared", 0.0),
+    ("DIMAT shared, λ=0.05", "activation", "shared", 0.05),
+    ("DIMAT shared, λ=0.2", "activation", "shared", 0.2),
+    ("shared basis, then average (λ=∞)", "activation", "shared", 1e9),
+)
 
 
 def load_split(path: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +178,100 @@ def interpolation_curves(a, b, train_images, test_images, test_labels, args) -> 
     return curves
 
 
+def _with_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    copied = copy.deepcopy(model)
+    load_state_in_place(copied, state)
+    return copied
+
+
+def one_round(models, calibration, topology, matcher, basis, spec) -> tuple[list[torch.nn.Module], float]:  # type: ignore[no-untyped-def]
+    """One synchronous merge of every agent with its neighbours (the library's rule), optionally after
+    bringing all agents into agent 0's basis along a spanning tree; BatchNorm re-estimated on own data."""
+    states = [model.state_dict() for model in models]
+    if basis == "shared" and matcher.uses_spec:
+        parents = topology.spanning_tree(0)
+        pairwise = {}
+        for agent, parent in parents.items():
+            if parent is not None:
+                reference = _with_state(models[agent], states[parent])
+                (pairwise[agent],) = ActivationMatcher().match(
+                    reference, [states[agent]], calibration[agent], spec=spec
+                )
+        paths = basis_permutations(parents, pairwise)
+        states = [
+            permute_state(state, spec, paths[g]) if paths[g] else state for g, state in enumerate(states)
+        ]
+    merged, moved = [], []
+    for agent, state in enumerate(states):
+        order = [agent, *topology.neighbors(agent)]
+        weights = topology.weights(agent)
+        reference = _with_state(models[agent], state)
+        new_state, found = merge_into_basis(
+            reference,
+            state,
+            [states[j] for j in order[1:]],
+            [weights[j] for j in order],
+            matcher,
+            calibration[agent],
+            spec=spec,
+        )
+        moved.extend(moved_fraction(permutations) for permutations in found)
+        model = _with_state(models[agent], new_state)
+        recompute_batchnorm(model, calibration[agent])
+        merged.append(model)
+    return merged, sum(moved) / len(moved)
+
+
+def agent_merges(train_images, train_labels, test_images, test_labels, args) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """``--agents N``: one merge round of N independently trained agents (see the module docstring)."""
+    results: dict[str, Any] = {}
+    for scheme in ("iid", "by_class"):
+        shards = partition(train_labels.cpu().numpy(), args.agents, scheme, seed=0)
+        models = [
+            train(100 + g, train_images[shard], train_labels[shard], args) for g, shard in enumerate(shards)
+        ]
+        per_agent = max(1, args.calibration_images // args.agents)
+        calibration = [[(x, None) for x in train_images[shard[:per_agent]].split(250)] for shard in shards]
+        spec = matcher_spec(resolve_matcher("activation"), models[0], calibration[0])
+        before = [evaluate(model, test_images, test_labels, args.device)["accuracy"] for model in models]
+        results[scheme] = {"agents_before": before, "rounds": {}}
+        print(f"{scheme}: agents before merging {sum(before) / len(before):.3f}", flush=True)
+        for topology_name in ("fully_connected", "ring"):
+            topology = build_topology(topology_name, args.agents)
+            for label, method, basis, bias in AGENT_SETTINGS:
+                matcher = resolve_matcher(method)
+                if bias:
+                    matcher = ActivationMatcher(identity_bias=bias)
+                merged, moved = one_round(models, calibration, topology, matcher, basis, spec)
+                after = [
+                    evaluate(model, test_images, test_labels, args.device)["accuracy"] for model in merged
+                ]
+                consensus_state, _ = merge_into_basis(
+                    merged[0],
+                    merged[0].state_dict(),
+                    [model.state_dict() for model in merged[1:]],
+                    [1 / len(merged)] * len(merged),
+                    matcher,
+                    calibration[0],
+                    spec=spec,
+                )
+                consensus = _with_state(merged[0], consensus_state)
+                recompute_batchnorm(consensus, [batch for own in calibration for batch in own])
+                entry = {
+                    "agents_after": after,
+                    "mean_after": sum(after) / len(after),
+                    "consensus": evaluate(consensus, test_images, test_labels, args.device)["accuracy"],
+                    "permuted_fraction": moved,
+                }
+                results[scheme]["rounds"][f"{topology_name} | {label}"] = entry
+                print(
+                    f"{scheme:8s} {topology_name:15s} {label:34s} agents {entry['mean_after']:.3f} "
+                    f"consensus {entry['consensus']:.3f} moved {moved:.2f}",
+                    flush=True,
+                )
+    return results
+
+
 def plot(curves: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
@@ -198,6 +315,8 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="suffix of the output files (default: cpu/gpu + width)")
     parser.add_argument("--train-images", type=int, default=0, help="first n training images (0: all)")
     parser.add_argument("--test-images", type=int, default=0, help="first n test images (0: all)")
+    parser.add_argument("--agents", type=int, default=0, help="also merge N independently trained agents")
+    parser.add_argument("--skip-pairwise", action="store_true", help="only the --agents part")
     args = parse_args(parser, SMOKE)
     tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_w{args.width}"
     output = output_path(args, RESULTS / f"merge_quality_{tag}.json", "merge_quality")
@@ -217,9 +336,12 @@ def main() -> None:
     if args.test_images:
         test_images, test_labels = test_images[: args.test_images], test_labels[: args.test_images]
     train_images, train_labels = train_images.to(args.device), train_labels.to(args.device)
-    a = train(0, train_images, train_labels, args)
-    b = train(1, train_images, train_labels, args)
-    curves = interpolation_curves(a, b, train_images, test_images, test_labels, args)
+    curves: dict[str, Any] = {}
+    if not args.skip_pairwise:
+        a = train(0, train_images, train_labels, args)
+        b = train(1, train_images, train_labels, args)
+        curves = interpolation_curves(a, b, train_images, test_images, test_labels, args)
+    agents = agent_merges(train_images, train_labels, test_images, test_labels, args) if args.agents else {}
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     result = {
         "benchmark": "merge_quality",
@@ -235,8 +357,12 @@ def main() -> None:
         "calibration_images": args.calibration_images,
         "seconds": time.perf_counter() - started,
         "curves": curves,
+        "agents": args.agents,
+        "agent_merges": agents,
     }
     save_json(result, output)
+    if not curves:
+        return
     picture = output.with_suffix(".png")
     data_name = "random images" if args.data is None else "Tiny ImageNet-20"
     size = f"{args.image_size}×{args.image_size}"

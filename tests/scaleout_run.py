@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument(
         "--method", default="activation", help="a merge method, or cdsgd / sgp (per-step gossip)"
     )
+    parser.add_argument("--basis", default="own", help="the merge callback's basis: own or shared")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
     parser.add_argument("--output", type=Path, required=True)
@@ -51,7 +52,9 @@ def main() -> None:
     callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
     gossip = {"cdsgd": CDSGDCallback, "sgp": SGPCallback}.get(args.method)
     callbacks.append(
-        gossip() if gossip else MergeCallback(every_n_epochs=2, method=args.method, num_batches=2)
+        gossip()
+        if gossip
+        else MergeCallback(every_n_epochs=2, method=args.method, num_batches=2, basis=args.basis)
     )
     if args.checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoints, save_top_k=-1, every_n_epochs=1))

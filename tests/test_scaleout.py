@@ -95,6 +95,17 @@ def test_fully_connected_uses_one_all_gather_and_uneven_placement_works(tmp_path
     assert _max_difference(uneven_1["states"], uneven_2["states"]) <= 1e-6
 
 
+def test_the_shared_basis_on_two_processes_gives_the_agents_of_one_process(tmp_path: Path) -> None:
+    # Uneven placement (3 + 2 agents): tree neighbours and permutation indices cross process boundaries.
+    common = ("--agents", "5", "--epochs", "2", "--basis", "shared")
+    one = _run(tmp_path, "s1", "--devices", "1", *common)
+    two = _run(tmp_path, "s2", "--devices", "2", *common)
+    assert _max_difference(one["states"], two["states"]) <= 1e-6
+    assert two["metrics"]["merge/permuted_fraction"] == pytest.approx(
+        one["metrics"]["merge/permuted_fraction"]
+    )
+
+
 @pytest.mark.parametrize("method", ["cdsgd", "sgp"])
 def test_per_step_gossip_on_two_processes_gives_the_agents_of_one_process(
     tmp_path: Path, method: str
