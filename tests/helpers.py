@@ -1,4 +1,5 @@
-"""Test helpers: a tiny classification task and a Trainer factory (CPU, quiet, deterministic)."""
+"""Test helpers: a tiny classification task, a Trainer factory (CPU, quiet, deterministic), and a merging run
+that writes and resumes checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dimat import DIMATStrategy, MergeCallback
 
 # The 20-class Tiny ImageNet subset (see shared/data/README.md); tests that need it skip when it is absent.
 TINY_ZIP = Path(
@@ -101,3 +105,28 @@ def agent_states(trainer: Trainer) -> dict[int, dict[str, Tensor]]:
         agent_id: {k: v.detach().clone() for k, v in agent.state_dict().items()}
         for agent_id, agent in swarm.items()
     }
+
+
+def fit_merging_ring(
+    max_epochs: int, checkpoints: Path | None = None, ckpt_path: Path | None = None, **options: Any
+) -> Trainer:
+    """3 agents on a ring (by_class shards) merging every 2 epochs; with ``checkpoints``, a checkpoint after
+    every epoch in that folder; with ``ckpt_path``, resumed from it. ``options`` go to DIMATStrategy."""
+    callbacks: list[Any] = [MergeCallback(every_n_epochs=2)]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, every_n_epochs=1))
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class", **options),
+        callbacks=callbacks,
+        max_epochs=max_epochs,
+        enable_checkpointing=checkpoints is not None,
+    )
+    # Momentum (optimizer state), dropout and shuffling (random streams) all have to resume exactly.
+    trainer.fit(TinyNet(momentum=0.9, dropout=0.3), datamodule=BlobsData(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def checkpoint_of_epoch(directory: Path, epoch: int) -> Path:
+    """The one checkpoint ``fit_merging_ring(checkpoints=directory)`` wrote after epoch index ``epoch``."""
+    (path,) = directory.glob(f"epoch={epoch}-*.ckpt")
+    return path

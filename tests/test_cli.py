@@ -13,7 +13,8 @@ from lightning_dimat.cli import build_cli
 from lightning_dimat.console import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# The quick-start configs and their overlays (experiment grids and their bases: tests/test_configs.py).
+# The quick-start configs and their overlays (experiment grids and their bases are checked in
+# tests/experiment/test_configs.py).
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 SHORT = ["--trainer.max_epochs=2", "--trainer.enable_model_summary=false"]
 

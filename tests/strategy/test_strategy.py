@@ -1,4 +1,8 @@
-"""DIMATStrategy + AgentSwarm through the public API: agents, data, optimizers, logging, export, errors."""
+"""DIMATStrategy + AgentSwarm through the public API: agents, data, optimizers, logging, errors.
+
+What ``fit`` hands back (one agent or the consensus in the user's module: property 8 of DESIGN.md §3) is
+tested in tests/test_properties.py.
+"""
 
 from __future__ import annotations
 
@@ -231,26 +235,6 @@ def test_reduce_on_plateau_monitors_each_agents_own_metric() -> None:
         assert scheduler.best == pytest.approx(
             min(scheduler.best, float(trainer.callback_metrics[f"agent_{agent_id}/val_loss"]))
         )
-
-
-def test_export_agent_into_user_module() -> None:
-    trainer = make_trainer(strategy=DIMATStrategy(num_agents=3, export=1))
-    model = TinyNet()
-    trainer.fit(model, datamodule=BlobsData())
-    agent = trainer.strategy.swarm.agent(1)
-    for key, value in agent.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value)
-
-
-def test_export_consensus_is_the_average_of_agent_parameters() -> None:
-    trainer = make_trainer(strategy=DIMATStrategy(num_agents=3))
-    model = TinyNet()
-    trainer.fit(model, datamodule=BlobsData())
-    swarm = trainer.strategy.swarm
-    for name, parameter in model.named_parameters():
-        mean = torch.stack([agent.get_parameter(name) for _, agent in swarm.items()]).mean(dim=0)
-        assert torch.allclose(parameter, mean, atol=1e-6)
-    assert not torch.equal(model.net[1].running_mean, swarm.agent(0).net[1].running_mean)
 
 
 def test_validate_and_test_after_fit_reuse_the_trained_agents() -> None:

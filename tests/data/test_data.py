@@ -331,6 +331,15 @@ def test_tiny_imagenet_val_fraction(tiny_zip: Path) -> None:
     torch.testing.assert_close(data.val_set[0][0], data.val_set[0][0])  # deterministic: no augmentation
 
 
+def test_tiny_imagenet_train_per_class_keeps_the_first_images_of_each_class(tiny_zip: Path) -> None:
+    data = TinyImageNetDataModule(str(tiny_zip), image_size=32, train_per_class=7, num_workers=0)
+    data.setup("fit")
+    assert len(data.train_set) == 20 * 7 and len(data.test_set) == 1000
+    assert all(data.train_set.targets[i] == i // 7 for i in range(140))
+    with pytest.raises(ValueError, match="train_per_class must be None \\(all\\) or an integer >= 1, got 0"):
+        TinyImageNetDataModule(str(tiny_zip), train_per_class=0)
+
+
 # --------------------------------------------------------------------------- Tiny ImageNet: a fake tree
 FAKE_WNIDS = ["n003", "n001", "n002"]  # not sorted: labels follow wnids.txt order
 FAKE_VAL = [("val_0.JPEG", "n002"), ("val_1.JPEG", "n003"), ("val_2.JPEG", "n001"), ("val_3.JPEG", "n002")]

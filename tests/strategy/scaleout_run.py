@@ -1,7 +1,8 @@
-"""A DIMAT run on W processes, driven by tests/test_scaleout.py through a subprocess (Lightning's own launcher
-re-runs this script for the other ranks). Rank 0 writes every agent's final weights and what each rank sent.
+"""A DIMAT run on W processes, driven by tests/strategy/test_scaleout.py through a subprocess (Lightning's own
+launcher re-runs this script for the other ranks). Rank 0 writes every agent's final weights and what each
+rank sent.
 
-    python tests/scaleout_run.py --devices 2 --agents 4 --epochs 4 --output /tmp/out.pt
+    python tests/strategy/scaleout_run.py --devices 2 --agents 4 --epochs 4 --output /tmp/out.pt
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 from helpers import BlobsData, TinyNet, make_trainer
 
 from lightning_dimat import CDSGDCallback, DIMATStrategy, MergeCallback, SGPCallback

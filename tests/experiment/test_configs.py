@@ -29,7 +29,7 @@ from lightning_dimat.experiment import Cell, Experiment, load_experiment
 from lightning_dimat.partition import partition
 from lightning_dimat.topology import Topology
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/experiment/ → the checkout
 CONFIG_DIR = ROOT / "configs"
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("**/*.yaml"))
 MERGE_PATH = "lightning_dimat.MergeCallback"

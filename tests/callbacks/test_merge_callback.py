@@ -1,0 +1,114 @@
+"""MergeCallback in a real Trainer: schedule, what is logged, post-merge validation, optimizer state after a
+merge, that merging helps on non-IID data, errors.
+
+What a merge computes in a Trainer (identity, mean preservation, each agent merging its neighbours on its
+own data: properties 3, 4 and 5 of DESIGN.md §3) is tested in tests/test_properties.py; the shared basis in
+tests/callbacks/test_shared_basis.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import BlobsData, TinyNet, make_trainer
+from lightning.pytorch import Callback
+
+from lightning_dimat import DIMATStrategy, MergeCallback
+
+
+def test_merge_schedule_every_n_epochs_and_start_epoch() -> None:
+    merge = MergeCallback(every_n_epochs=2, start_epoch=3)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge], max_epochs=8)
+    trainer.fit(TinyNet(), datamodule=BlobsData(num_samples=64))
+    assert merge.merged_epochs == [3, 5, 7]
+    assert merge.round == 3
+
+
+def test_merge_metrics_are_logged() -> None:
+    merge = MergeCallback(every_n_epochs=1)
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=4, topology="ring"), callbacks=[merge], max_epochs=2
+    )
+    model = TinyNet()
+    trainer.fit(model, datamodule=BlobsData())
+    metrics = trainer.callback_metrics
+    assert float(metrics["merge/round"]) == 2.0
+    state_size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert float(metrics["merge/bytes"]) == 4 * 2 * state_size  # 4 agents, 2 ring neighbours each
+    assert float(metrics["merge/spectral_gap"]) == pytest.approx(trainer.strategy.topology.spectral_gap)
+    assert float(metrics["merge/time_s"]) > 0
+    assert float(metrics["merge/consensus_distance_after"]) < float(
+        metrics["merge/consensus_distance_before"]
+    )
+
+
+def test_logged_validation_of_a_merge_epoch_is_post_merge() -> None:
+    merge = MergeCallback(every_n_epochs=1)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=3), callbacks=[merge], max_epochs=1)
+    trainer.fit(TinyNet(), datamodule=BlobsData())
+    logged = {g: float(trainer.callback_metrics[f"agent_{g}/val_acc"]) for g in range(3)}
+    x, y = BlobsData().val_set.tensors
+    for agent_id, agent in trainer.strategy.swarm.items():
+        agent.eval()
+        with torch.no_grad():
+            accuracy = (agent(x).argmax(-1) == y).float().mean().item()
+        assert accuracy == pytest.approx(logged[agent_id], abs=1e-6)
+
+
+def test_merging_helps_on_non_iid_data() -> None:
+    def mean_accuracy(callbacks: list[Callback]) -> float:
+        trainer = make_trainer(
+            strategy=DIMATStrategy(num_agents=2, partition="by_class", seed=1),
+            callbacks=callbacks,
+            max_epochs=10,
+        )
+        trainer.fit(TinyNet(lr=0.05), datamodule=BlobsData())
+        return float(trainer.callback_metrics["val_acc"])
+
+    # Each agent sees two of the four classes: alone it is right at most half of the time.
+    local, merged = mean_accuracy([]), mean_accuracy([MergeCallback(every_n_epochs=1, method="average")])
+    assert local <= 0.5
+    assert merged > local + 0.2
+
+
+@pytest.mark.parametrize("optimizer_state", ["keep", "reset"])
+def test_optimizer_state_is_kept_or_reset_after_each_merge(optimizer_state: str) -> None:
+    strategy = DIMATStrategy(num_agents=3)
+    merge = MergeCallback(every_n_epochs=1, method="average", optimizer_state=optimizer_state)
+    make_trainer(strategy=strategy, max_epochs=1, callbacks=[merge]).fit(
+        TinyNet(momentum=0.9), datamodule=BlobsData()
+    )
+    for optimizer in strategy.swarm.swarm_optimizer.optimizers.values():
+        buffers = [state.get("momentum_buffer") for state in optimizer.state.values()]
+        if optimizer_state == "reset":
+            assert not optimizer.state
+        else:
+            assert buffers and all(buffer is not None for buffer in buffers)
+
+
+def test_optimizer_state_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="optimizer_state must be 'keep' or 'reset', got 'drop'"):
+        MergeCallback(optimizer_state="drop")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs must be an integer >= 1, got 0"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs must be an integer >= 1, got 1.5"),
+        ({"start_epoch": -1}, "start_epoch must be an integer >= 0, got -1"),
+        ({"num_batches": 0}, "num_batches must be an integer >= 1, got 0"),
+        ({"method": "activations"}, "Unknown merge method 'activations'"),
+    ],
+)
+def test_bad_merge_options_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MergeCallback(**options)
+
+
+def test_merge_callback_needs_the_dimat_strategy() -> None:
+    trainer = make_trainer(callbacks=[MergeCallback()], max_epochs=1)
+    with pytest.raises(ValueError, match="MergeCallback needs Trainer\\(strategy=DIMATStrategy"):
+        trainer.fit(TinyNet(), datamodule=BlobsData())

@@ -1,0 +1,40 @@
+"""Checkpoints hold every agent keyed by global id, load with ``weights_only``, and refuse another number of
+agents.
+
+That resuming reproduces an uninterrupted run exactly (property 7 of DESIGN.md §3, including a checkpoint
+written by version 0.1) is tested in tests/test_properties.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import BlobsData, TinyNet, checkpoint_of_epoch, fit_merging_ring, make_trainer
+
+from lightning_dimat import DIMATStrategy
+
+
+def test_checkpoint_holds_all_agents_keyed_by_global_id(tmp_path: Path) -> None:
+    fit_merging_ring(2, checkpoints=tmp_path)
+    checkpoint = torch.load(checkpoint_of_epoch(tmp_path, 1), weights_only=False)
+    agent_keys = {key.split(".")[1] for key in checkpoint["state_dict"] if key.startswith("agents.")}
+    assert agent_keys == {"0", "1", "2"}
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    assert sorted(optimizer_state["agents"]) == [0, 1, 2]
+    assert sorted(checkpoint["dimat"]["random_streams"]) == [0, 1, 2]
+    assert checkpoint["dimat"]["num_agents"] == 3
+
+
+def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
+    fit_merging_ring(1, checkpoints=tmp_path)
+    checkpoint = torch.load(checkpoint_of_epoch(tmp_path, 0), weights_only=True)
+    assert "dimat" in checkpoint
+
+
+def test_resuming_with_another_number_of_agents_is_refused(tmp_path: Path) -> None:
+    fit_merging_ring(1, checkpoints=tmp_path)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=4, partition="by_class"), max_epochs=2)
+    with pytest.raises(ValueError, match=r"holds agents \[0, 1, 2\] but this run has num_agents=4"):
+        trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=checkpoint_of_epoch(tmp_path, 0))
