@@ -11,7 +11,7 @@ Examples:
     >>> pairwise = {1: {"h": torch.tensor([1, 0, 2])}, 2: {"h": torch.tensor([0, 2, 1])}}
     >>> paths = basis_permutations(parents, pairwise)
     >>> paths[0], paths[1]["h"].tolist(), paths[2]["h"].tolist()
-    ({}, [1, 0, 2], [1, 2, 0])
+    ({}, [1, 0, 2], [2, 0, 1])
 """
 
 from __future__ import annotations
