@@ -24,12 +24,31 @@ from lightning_dimat.strategy import DIMATStrategy
 
 class History(Callback):
     """Every ``epochs_per_point`` epochs (when the runner validates), records the mean and per-agent
-    ``metric`` and the communication so far."""
+    ``metric`` and the communication so far. With ``before_merge=True`` it also records each local agent's
+    validation accuracy after the epoch's last batch, before a merge callback placed after it runs: the
+    accuracy the local training reached, next to the accuracy right after the merge."""
 
-    def __init__(self, metric: str = "val_acc", epochs_per_point: int = 1) -> None:
+    def __init__(
+        self, metric: str = "val_acc", epochs_per_point: int = 1, before_merge: bool = False
+    ) -> None:
         self.metric = metric
         self.epochs_per_point = epochs_per_point
+        self.before_merge = before_merge
         self.points: list[dict[str, Any]] = []
+        self._before: list[float] | None = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (
+            self.before_merge
+            and trainer.is_last_batch
+            and (trainer.current_epoch + 1) % self.epochs_per_point == 0
+        ):
+            strategy = trainer.strategy
+            assert isinstance(strategy, DIMATStrategy) and strategy.swarm is not None
+            loader = trainer.datamodule.val_dataloader()  # type: ignore[attr-defined]
+            self._before = [_accuracy(agent, loader) for _, agent in strategy.swarm.items()]
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics, epoch = trainer.callback_metrics, trainer.current_epoch + 1
@@ -42,6 +61,9 @@ class History(Callback):
             self.metric: float(metrics[self.metric]),
             "agents": [float(metrics[f"agent_{g}/{self.metric}"]) for g in agents],
         }
+        if self._before is not None:
+            point[f"{self.metric}_before_merge"] = sum(self._before) / len(self._before)
+            point["agents_before_merge"], self._before = self._before, None
         strategy = trainer.strategy
         for callback in trainer.callbacks:
             ledger = getattr(callback, "ledger", None)
@@ -49,6 +71,21 @@ class History(Callback):
                 assert isinstance(strategy, DIMATStrategy)
                 point.update(communication_metrics(ledger, strategy))
         self.points.append(point)
+
+
+@torch.no_grad()
+def _accuracy(agent: LightningModule, loader: Any) -> float:
+    """Top-1 accuracy of ``agent`` on the ``(inputs, labels)`` batches of ``loader``, in eval mode."""
+    was_training, correct, total = agent.training, 0, 0
+    agent.eval()
+    try:
+        for inputs, labels in loader:
+            logits = agent(inputs.to(agent.device))
+            correct += int((logits.argmax(-1) == labels.to(agent.device)).sum())
+            total += len(labels)
+    finally:
+        agent.train(was_training)
+    return correct / max(total, 1)
 
 
 def run_experiment(experiment: Experiment, jobs: int = 1) -> list[dict[str, Any]]:
@@ -97,8 +134,8 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
     finally:
         sys.argv = argv
     epochs_per_point = experiment.epochs_per_merge if kind == "cell" else max(1, experiment.pretrain_epochs)
-    history = History("val_acc", epochs_per_point)
-    cli.trainer.callbacks.append(history)
+    history = History("val_acc", epochs_per_point, before_merge=kind == "cell")
+    cli.trainer.callbacks.insert(0, history)  # before the merge callback: it sees the agents before a merge
     result: dict[str, Any] = {"kind": kind, "cell": cell.__dict__, "config": config}
     if kind == "pretrain" and experiment.pretrain_epochs == 0:
         result["history"] = []

@@ -91,6 +91,12 @@ def test_two_cell_grid_runs_reports_and_skips_finished_cells(
     steps = cdsgd["history"][-1]["comm/rounds"]
     assert steps == 2 * 4  # one gossip round per optimizer step: 4 batches × 2 epochs
     assert cdsgd["config"]["model"]["init_args"]["optimizer"] == "sgd"
+    # Accuracy before each merge is recorded next to the one after; without a merge they are the same model.
+    for point in wa["history"] + cdsgd["history"]:
+        assert len(point["agents_before_merge"]) == 3 and 0 <= point["val_acc_before_merge"] <= 1
+    for point in cdsgd["history"]:
+        assert point["agents_before_merge"] == pytest.approx(point["agents"], abs=1e-6)
+    assert any(p["agents_before_merge"] != pytest.approx(p["agents"], abs=1e-6) for p in wa["history"])
 
     paths = write_report(experiment, results)
     table = paths["markdown"].read_text()
