@@ -16,6 +16,13 @@ merge and the accuracy of their consensus (all merged agents averaged in one bas
 agent's data). ``--skip-pairwise`` runs only that part.
 
     python benchmarks/merge_quality.py --agents 5 --epochs 20 --skip-pairwise --tag agents_cpu_w1
+
+``--probes`` compares where activation matching observes each channel space (issue 10, item 4: residual
+sums before the ReLU, every block output after it, or one probe per ResNet stage); ``--model vgg16``
+repeats it on a network without residual streams; ``--partitions`` picks the data splits.
+
+    python benchmarks/merge_quality.py --agents 5 --epochs 6 --skip-pairwise --partitions by_class \
+        --probes pre_activation,post_activation,stage_output --tag probes_cpu_w1
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ from lightning_dimat.merge import (
     recompute_batchnorm,
     resolve_matcher,
 )
-from lightning_dimat.models import resnet20
+from lightning_dimat.models import resnet20, vgg16
 from lightning_dimat.partition import partition
 from lightning_dimat.permutation import permute_state
+from lightning_dimat.permutation.context import PROBE_PLACEMENTS
 from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
 from lightning_dimat.topology import build_topology
 
@@ -108,10 +116,22 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     ]
 
 
+def build(args: argparse.Namespace) -> torch.nn.Module:
+    if args.model == "vgg16":
+        return vgg16(num_classes=20, input_size=args.image_size, hidden=args.width * 64)
+    return resnet20(width=args.width, num_classes=20)
+
+
+def describe(args: argparse.Namespace) -> str:
+    if args.model == "vgg16":
+        return f"vgg16 with batch norm, classifier hidden {args.width * 64}"
+    return f"resnet20 width {args.width} (1x1 conv shortcuts)"
+
+
 def train(seed: int, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = resnet20(width=args.width, num_classes=20).to(args.device)
+    model = build(args).to(args.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
     )
@@ -225,23 +245,27 @@ def one_round(models, calibration, topology, matcher, basis, spec) -> tuple[list
 def agent_merges(train_images, train_labels, test_images, test_labels, args) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """``--agents N``: one merge round of N independently trained agents (see the module docstring)."""
     results: dict[str, Any] = {}
-    for scheme in ("iid", "by_class"):
+    for scheme in args.partitions.split(","):
         shards = partition(train_labels.cpu().numpy(), args.agents, scheme, seed=0)
         models = [
             train(100 + g, train_images[shard], train_labels[shard], args) for g, shard in enumerate(shards)
         ]
         per_agent = max(1, args.calibration_images // args.agents)
         calibration = [[(x, None) for x in train_images[shard[:per_agent]].split(250)] for shard in shards]
-        spec = matcher_spec(resolve_matcher("activation"), models[0], calibration[0])
+        specs = {
+            probes: matcher_spec(resolve_matcher("activation"), models[0], calibration[0], probes=probes)
+            for probes in args.probes.split(",")
+        }
         before = [evaluate(model, test_images, test_labels, args.device)["accuracy"] for model in models]
         results[scheme] = {"agents_before": before, "rounds": {}}
         print(f"{scheme}: agents before merging {sum(before) / len(before):.3f}", flush=True)
         for topology_name in ("fully_connected", "ring"):
             topology = build_topology(topology_name, args.agents)
-            for label, method, basis, bias in AGENT_SETTINGS:
+            for label, method, basis, bias, probes in _settings(args.probes.split(",")):
                 matcher = resolve_matcher(method)
                 if bias:
                     matcher = ActivationMatcher(identity_bias=bias)
+                spec = specs[probes]
                 merged, moved = one_round(models, calibration, topology, matcher, basis, spec)
                 after = [
                     evaluate(model, test_images, test_labels, args.device)["accuracy"] for model in merged
@@ -265,11 +289,21 @@ def agent_merges(train_images, train_labels, test_images, test_labels, args) -> 
                 }
                 results[scheme]["rounds"][f"{topology_name} | {label}"] = entry
                 print(
-                    f"{scheme:8s} {topology_name:15s} {label:34s} agents {entry['mean_after']:.3f} "
+                    f"{scheme:8s} {topology_name:15s} {label:50s} agents {entry['mean_after']:.3f} "
                     f"consensus {entry['consensus']:.3f} moved {moved:.2f}",
                     flush=True,
                 )
     return results
+
+
+def _settings(placements: list[str]) -> list[tuple[str, str, str, float, str]]:
+    """AGENT_SETTINGS with each probe placement (labelled when there is more than one; WA needs none)."""
+    settings = []
+    for label, method, basis, bias in AGENT_SETTINGS:
+        for probes in placements[:1] if method == "average" else placements:
+            suffix = f" [{probes}]" if len(placements) > 1 and method != "average" else ""
+            settings.append((label + suffix, method, basis, bias, probes))
+    return settings
 
 
 def plot(curves: dict[str, Any], path: Path, title: str) -> None:
@@ -317,7 +351,19 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=0, help="first n test images (0: all)")
     parser.add_argument("--agents", type=int, default=0, help="also merge N independently trained agents")
     parser.add_argument("--skip-pairwise", action="store_true", help="only the --agents part")
+    parser.add_argument("--model", choices=("resnet20", "vgg16"), default="resnet20")
+    parser.add_argument("--partitions", default="iid,by_class", help="comma-separated: iid, by_class")
+    parser.add_argument(
+        "--probes", default="pre_activation", help=f"comma-separated, of {', '.join(PROBE_PLACEMENTS)}"
+    )
     args = parse_args(parser, SMOKE)
+    for option, given, allowed in (
+        ("--partitions", args.partitions, ("iid", "by_class")),
+        ("--probes", args.probes, tuple(PROBE_PLACEMENTS)),
+    ):
+        unknown = [name for name in given.split(",") if name not in allowed]
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}; choose from {', '.join(allowed)} (comma-separated)")
     tag = args.tag or f"{'gpu' if args.device.startswith('cuda') else 'cpu'}_w{args.width}"
     output = output_path(args, RESULTS / f"merge_quality_{tag}.json", "merge_quality")
     started = time.perf_counter()
@@ -350,7 +396,8 @@ def main() -> None:
         "train_images": len(train_images),
         "test_images": len(test_images),
         "image_size": args.image_size,
-        "model": f"resnet20 width {args.width} (1x1 conv shortcuts)",
+        "model": describe(args),
+        "probes": args.probes,
         "epochs": args.epochs,
         "device": device_name,
         "torch": torch.__version__,
@@ -366,7 +413,7 @@ def main() -> None:
     picture = output.with_suffix(".png")
     data_name = "random images" if args.data is None else "Tiny ImageNet-20"
     size = f"{args.image_size}×{args.image_size}"
-    plot(curves, picture, f"ResNet-20 ×{args.width}, {data_name} at {size} ({device_name})")
+    plot(curves, picture, f"{describe(args)}, {data_name} at {size} ({device_name})")
     print(f"saved {picture}")
 
 

@@ -102,10 +102,14 @@ def resolve_matcher(method: str | Matcher) -> Matcher:
 
 
 def matcher_spec(
-    matcher: Matcher, reference: nn.Module, data: Any, spec: PermutationSpec | None = None
+    matcher: Matcher,
+    reference: nn.Module,
+    data: Any,
+    spec: PermutationSpec | None = None,
+    probes: str = "pre_activation",
 ) -> PermutationSpec | None:
     """The spec ``matcher`` works with: ``None`` if it uses none, else ``spec`` if given, else the verified
-    spec derived from ``reference`` on the first input of ``data``."""
+    spec derived from ``reference`` on the first input of ``data`` (``probes``: see ``permutation_spec``)."""
     if not matcher.uses_spec or spec is not None:
         return spec
     if data is None:
@@ -114,7 +118,7 @@ def matcher_spec(
             "(batches of inputs) to derive it from."
         )
     first, _ = peek_inputs(reference, data)
-    return spec_for(reference, first, None)
+    return spec_for(reference, first, None, probes)
 
 
 @register_matcher("average", "wa")

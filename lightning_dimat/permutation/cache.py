@@ -27,15 +27,17 @@ def _input_shape(example_input: Any) -> Hashable:
     return tuple(example_input.shape[1:]) if isinstance(example_input, Tensor) else None
 
 
-def spec_for(model: nn.Module, example_input: Any, spec: PermutationSpec | None = None) -> PermutationSpec:
+def spec_for(
+    model: nn.Module, example_input: Any, spec: PermutationSpec | None = None, probes: str = "pre_activation"
+) -> PermutationSpec:
     """The verified spec of ``model`` (for inputs shaped like ``example_input``).
 
     Precedence: an explicit ``spec``; else the model's own ``permutation_spec(example_input)`` method if it
     defines one (the hand-written fallback for models the tracer cannot handle); else a spec derived by
-    :func:`~lightning_dimat.permutation.tracing.permutation_spec`.
+    :func:`~lightning_dimat.permutation.tracing.permutation_spec` with the ``probes`` placement.
     """
     per_model = _BY_MODEL.setdefault(model, {})
-    key = (_input_shape(example_input), id(spec) if spec is not None else None)
+    key = (_input_shape(example_input), id(spec) if spec is not None else None, probes)
     if key in per_model:
         return per_model[key]
     sample = example_input[:2] if isinstance(example_input, Tensor) else example_input
@@ -44,9 +46,9 @@ def spec_for(model: nn.Module, example_input: Any, spec: PermutationSpec | None 
         resolved = spec if spec is not None else own(sample)
         check_spec(model, resolved, sample)
     else:
-        derived = permutation_spec(model, sample)
+        derived = permutation_spec(model, sample, probes)
         shapes = tuple((name, tuple(value.shape)) for name, value in model.state_dict().items())
-        architecture = (type(model), shapes, _input_shape(example_input), str(derived.graph))
+        architecture = (type(model), shapes, _input_shape(example_input), str(derived.graph), probes)
         if architecture not in _BY_ARCHITECTURE:
             check_spec(model, derived, sample)
             _BY_ARCHITECTURE[architecture] = derived

@@ -28,6 +28,16 @@ FALLBACK = (
 JOIN, NORM, LAYER, NONLINEAR = "join", "norm", "layer", "nonlinear"
 PROBE_PREFERENCE = (JOIN, NORM, LAYER, NONLINEAR)
 
+# Named probe placements: (order of preference of the observation kinds, which of the chosen kind's nodes).
+# "pre_activation": every residual sum of a stream, else the normalisation output (the default);
+# "post_activation": every nonlinearity output (a residual stream at each block's output);
+# "stage_output": the last nonlinearity output of each group only (one probe per ResNet stage).
+PROBE_PLACEMENTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "pre_activation": (PROBE_PREFERENCE, "all"),
+    "post_activation": ((NONLINEAR, JOIN, NORM, LAYER), "all"),
+    "stage_output": ((NONLINEAR, JOIN, NORM, LAYER), "last"),
+}
+
 
 @dataclass
 class Tracked:

@@ -31,19 +31,22 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_dimat.permutation.context import (
     FALLBACK,
-    PROBE_PREFERENCE,
+    PROBE_PLACEMENTS,
     TraceContext,
     Tracked,
 )
 from lightning_dimat.permutation.groups import UnsupportedModelError
 from lightning_dimat.permutation.rules import function_rule, is_registered_module, method_rule, module_rule
 from lightning_dimat.permutation.spec import Layout, PermutationSpec, Segment
+from lightning_dimat.validation import check_choice
 
 __all__ = ["FALLBACK", "SpecFactory", "UnsupportedModelError", "permutation_spec", "trace"]
 
 
 class _SpecBuilder(TraceContext):
     """Walks the graph once, handing each node to its rule, then assembles the spec."""
+
+    placement: str = "pre_activation"
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -131,12 +134,13 @@ class _SpecBuilder(TraceContext):
             root = self.groups.find(raw)
             if root in names and names[root] in sizes:
                 candidates.setdefault(names[root], []).append((node_name, kind))
+        preference, which = PROBE_PLACEMENTS[self.placement]
         probes = {}
         for group, found in candidates.items():
-            for kind in PROBE_PREFERENCE:
+            for kind in preference:
                 chosen = [name for name, k in found if k == kind]
                 if chosen:
-                    probes[group] = tuple(chosen)
+                    probes[group] = tuple(chosen[-1:] if which == "last" else chosen)
                     break
         return probes
 
@@ -190,16 +194,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
-def permutation_spec(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> PermutationSpec:
+def permutation_spec(
+    model: nn.Module, example_input: Tensor | Sequence[Tensor], probes: str = "pre_activation"
+) -> PermutationSpec:
     """Derives ``model``'s :class:`PermutationSpec` by tracing it with ``torch.fx`` on ``example_input``.
 
     ``example_input`` fixes the shapes (e.g. the spatial size a ``flatten`` sees); one or two samples are
     enough. The model is run once in eval mode without gradients (BatchNorm statistics are untouched).
+    ``probes`` names where activation matching observes each group (one of ``PROBE_PLACEMENTS``:
+    ``"pre_activation"``, ``"post_activation"``, ``"stage_output"``).
 
     Raises:
         UnsupportedModelError: for an untraceable model or an operation without a permutation rule (the
             message names the node and module and points to the hand-written fallback).
     """
+    check_choice("probes", probes, tuple(PROBE_PLACEMENTS))
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     was_training = model.training
     try:
@@ -219,6 +228,7 @@ def permutation_spec(model: nn.Module, example_input: Tensor | Sequence[Tensor])
     finally:
         model.train(was_training)
     builder = _SpecBuilder(model, graph_module)
+    builder.placement = probes
     builder.run()
     return builder.spec()
 

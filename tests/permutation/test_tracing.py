@@ -290,3 +290,21 @@ def test_op_rules_are_registered_carefully() -> None:
     with pytest.raises(TypeError, match=r"module class, a function or a method name"):
         register_op_rule(3)  # type: ignore[arg-type]
     assert register_op_rule(_Swish, override=True)(_swish_rule) is _swish_rule
+
+
+def test_probe_placements_observe_the_named_nodes_and_keep_the_groups() -> None:
+    model, x = warm_model("resnet20")
+    pre, post, stage = (
+        permutation_spec(model, x[:2], probes)
+        for probes in ("pre_activation", "post_activation", "stage_output")
+    )
+    assert pre.axes == post.axes == stage.axes  # only where the activations are observed changes
+    stream = next(group for group, names in pre.probes.items() if len(names) == 3)
+    assert all(name.startswith("add") for name in pre.probes[stream])  # the three residual sums
+    assert len(post.probes[stream]) == 4 and all("relu" in n or "stem" in n for n in post.probes[stream])
+    assert stage.probes[stream] == post.probes[stream][-1:]  # the stage's last block output only
+    permuted, truth = permuted_copy(model, stage)  # matching on this placement recovers a permuted copy
+    (found,) = match_activations(stage, model, [permuted.state_dict()], [x])
+    assert_recovers(found, truth)
+    with pytest.raises(ValueError, match=r"probes.*'after_relu'"):
+        permutation_spec(model, x[:2], "after_relu")
