@@ -157,6 +157,8 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
         result["agents_test_acc"] = [
             float(tested[k]) for k in sorted(tested, key=_agent_order) if k.endswith("/test_acc")
         ]
+        # After fit your module holds the strategy's export (the consensus by default): the model you ship.
+        result["consensus_test_acc"] = _accuracy(cli.model, cli.datamodule.test_dataloader())
         pretrained = _read(pretrain_dir(experiment, cell) / "result.json")
         result["pretrained"], result["pretrained_fingerprint"] = (
             pretrained["history"],

@@ -84,6 +84,7 @@ def test_two_cell_grid_runs_reports_and_skips_finished_cells(
     )
     for result in results:
         assert 0 <= result["test_acc"] <= 1 and len(result["agents_test_acc"]) == 3
+        assert 0 <= result["consensus_test_acc"] <= 1
         assert [p["iteration"] for p in result["history"]] == [1.0, 2.0]
         assert result["pretrained"] == pretrained["history"]
     wa, cdsgd = results
