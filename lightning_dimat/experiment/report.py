@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,40 @@ def _by_group(experiment: Experiment, results: Results) -> dict[tuple[int, str, 
     return groups
 
 
-def accuracy_table(experiment: Experiment, results: Results) -> tuple[list[str], list[list[str]]]:
-    """Rows (agents, topology, partition) × method columns of final mean-agent test accuracy, in %."""
+def final_accuracy(result: dict[str, Any]) -> float | None:
+    """The agents' mean test accuracy at the end of the run (after the last merge)."""
+    return result["test_acc"]
+
+
+def before_last_merge(result: dict[str, Any]) -> float | None:
+    """The agents' mean accuracy on the validation split just before the last merge (``None`` if unknown)."""
+    return (result["history"] or [{}])[-1].get("val_acc_before_merge")
+
+
+def consensus_accuracy(result: dict[str, Any]) -> float | None:
+    """Test accuracy of the module you hold after ``fit`` (the exported consensus; ``None`` if unknown)."""
+    return result.get("consensus_test_acc")
+
+
+def accuracy_table(
+    experiment: Experiment,
+    results: Results,
+    value: Callable[[dict[str, Any]], float | None] = final_accuracy,
+) -> tuple[list[str], list[list[str]]]:
+    """Rows (agents, topology, partition) × method columns of ``value`` (default: the final mean-agent test
+    accuracy) in %, mean ± std over the seeds that have it."""
     methods = [name for name in experiment.methods if any(r["cell"]["method"] == name for r in results)]
     header = ["agents", "topology", "data", *(experiment.methods[m].label for m in methods)]
     rows = []
     for (num_agents, topology, partition), by_method in sorted(_by_group(experiment, results).items()):
         row = [str(num_agents), topology, partition]
         for method in methods:
-            runs = by_method.get(method, [])
-            if len(runs) > 1:
-                mean, std = _mean_std([100 * r["test_acc"] for r in runs])
-                row.append(f"{mean:.2f} ± {std:.2f} (n={len(runs)})")
-            elif runs:
-                row.append(f"{100 * runs[0]['test_acc']:.2f} (n=1)")
+            values = [100 * v for v in map(value, by_method.get(method, [])) if v is not None]
+            if len(values) > 1:
+                mean, std = _mean_std(values)
+                row.append(f"{mean:.2f} ± {std:.2f} (n={len(values)})")
+            elif values:
+                row.append(f"{values[0]:.2f} (n=1)")
             else:
                 row.append("—")
         rows.append(row)
@@ -87,9 +108,14 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def curves(result: dict[str, Any]) -> list[tuple[float, float, float]]:
-    """(iteration, communication rounds, mean-agent accuracy), from the pre-trained point on."""
+    """(iteration, communication rounds, mean-agent accuracy), from the pre-trained point on; where the
+    accuracy before a merge was recorded, it comes first at the same x (a merge is a vertical step)."""
     points = [(0.0, 0.0, p["val_acc"]) for p in result.get("pretrained", [])[-1:]]
-    points += [(p["iteration"], p.get("comm/rounds", 0.0), p["val_acc"]) for p in result["history"]]
+    for p in result["history"]:
+        rounds = p.get("comm/rounds", 0.0)
+        if "val_acc_before_merge" in p:
+            points.append((p["iteration"], rounds, p["val_acc_before_merge"]))
+        points.append((p["iteration"], rounds, p["val_acc"]))
     return points
 
 
@@ -150,9 +176,21 @@ def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
         "iteration_plot": out / "accuracy_vs_iteration.png",
         "rounds_plot": out / "accuracy_vs_rounds.png",
     }
+    sections = [
+        ("Mean-agent accuracy just before the last merge (%, validation split)", before_last_merge),
+        (
+            "Test accuracy of the exported module you hold after fit (%, consensus by default)",
+            consensus_accuracy,
+        ),
+    ]
+    extra = ""
+    for title, value in sections:
+        extra_header, extra_rows = accuracy_table(experiment, results, value)
+        extra += f"\n{title}\n\n" + markdown(extra_header, extra_rows)
     paths["markdown"].write_text(
         f"# {experiment.name}\n\nFinal mean-agent test accuracy (%), mean ± std over seeds\n\n"
         + markdown(header, rows)
+        + extra
         + "\nCommunication per agent over the whole run (after pre-training)\n\n"
         + markdown(comm_header, comm_rows)
     )
@@ -166,6 +204,8 @@ def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
                 "partition",
                 "seed",
                 "test_acc",
+                "before_last_merge",
+                "consensus_test_acc",
                 "rounds",
                 "bytes_sent",
                 "forward_samples",
@@ -181,6 +221,8 @@ def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
                     cell["partition"],
                     cell["seed"],
                     result["test_acc"],
+                    before_last_merge(result),
+                    consensus_accuracy(result),
                     last.get("comm/rounds", 0),
                     last.get("comm/bytes_sent", 0),
                     last.get("comm/forward_samples", 0),

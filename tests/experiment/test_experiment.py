@@ -102,6 +102,8 @@ def test_two_cell_grid_runs_reports_and_skips_finished_cells(
     paths = write_report(experiment, results)
     table = paths["markdown"].read_text()
     assert "| 3 | ring | by_class |" in table and f"{100 * wa['test_acc']:.2f} (n=1)" in table
+    assert f"{100 * wa['history'][-1]['val_acc_before_merge']:.2f} (n=1)" in table
+    assert f"{100 * cdsgd['consensus_test_acc']:.2f} (n=1)" in table
     assert paths["iteration_plot"].stat().st_size > 0 and paths["rounds_plot"].stat().st_size > 0
     assert len(paths["csv"].read_text().splitlines()) == 3
 
