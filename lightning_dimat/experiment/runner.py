@@ -136,6 +136,9 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
     epochs_per_point = experiment.epochs_per_merge if kind == "cell" else max(1, experiment.pretrain_epochs)
     history = History("val_acc", epochs_per_point, before_merge=kind == "cell")
     cli.trainer.callbacks.insert(0, history)  # before the merge callback: it sees the agents before a merge
+    if kind == "cell":  # the consensus goes into your module at the end of fit, to be tested below
+        assert isinstance(cli.trainer.strategy, DIMATStrategy)
+        cli.trainer.strategy.export = "consensus"
     result: dict[str, Any] = {"kind": kind, "cell": cell.__dict__, "config": config}
     if kind == "pretrain" and experiment.pretrain_epochs == 0:
         result["history"] = []
