@@ -76,15 +76,47 @@ def reinitialise_agents(swarm: AgentSwarm, seed: int, device: torch.device) -> N
 
 
 def load_initial_weights(swarm: AgentSwarm, path: str | Path, num_agents: int) -> None:
-    """Agent g's weights from agent g of the DIMAT checkpoint at ``path`` (written with ``num_agents``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    saved = checkpoint.get("dimat", {}).get("num_agents")
+    """Agent g's weights from agent g of the DIMAT checkpoint at ``path`` (written with ``num_agents``).
+
+    The file is read with ``weights_only=True``: tensors and plain containers only, so a crafted file
+    cannot run code.
+    """
+    checkpoint = read_checkpoint(path, "init_from")
+    if "dimat" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"init_from={str(path)!r} is not a DIMAT checkpoint (no 'dimat' entry; keys: "
+            f"{sorted(checkpoint)}); "
+            "pass a checkpoint written by a DIMATStrategy run (trainer.save_checkpoint or ModelCheckpoint)."
+        )
+    saved = checkpoint["dimat"].get("num_agents")
     if saved != num_agents:
         raise ValueError(
             f"init_from={str(path)!r} holds {saved} DIMAT agents but this run has "
             f"num_agents={num_agents}; pre-train with the same number of agents."
         )
     swarm.load_state_dict(local_agent_entries(checkpoint["state_dict"], swarm.agent_ids), strict=True)
+
+
+def read_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, loaded with ``weights_only=True``; a clear error naming ``option``
+    and the file when it is missing, unreadable, or not a checkpoint."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option}={str(path)!r}: no such file; pass the path of a .ckpt file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by file kind
+        raise ValueError(
+            f"{option}={str(path)!r} could not be read as a checkpoint of weights "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "expected a .ckpt written by Lightning (only tensors and plain containers are loaded, "
+            "never code)."
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{option}={str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
+            "expected a .ckpt written by Lightning."
+        )
+    return checkpoint
 
 
 def local_agent_entries(state: dict[str, Any], agent_ids: Sequence[int]) -> dict[str, Any]:

@@ -50,3 +50,33 @@ def test_init_from_refuses_a_missing_file_or_another_number_of_agents(tmp_path: 
     strategy = DIMATStrategy(num_agents=3, init_from=str(tmp_path / "two.ckpt"))
     with pytest.raises(ValueError, match="holds 2 DIMAT agents but this run has num_agents=3"):
         make_trainer(strategy=strategy, max_epochs=1).fit(TinyNet(), datamodule=BlobsData())
+
+
+class _Payload:
+    """Unpickling this would create a file: what a crafted checkpoint could do with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_init_from_loads_weights_only_and_names_a_file_it_cannot_use(tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    torch.save({"dimat": {"num_agents": 2}, "state_dict": {}, "x": _Payload(marker)}, tmp_path / "evil.ckpt")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    plain = tmp_path / "plain.ckpt"
+    trainer = make_trainer(max_epochs=1)  # a Lightning checkpoint without DIMAT agents
+    trainer.fit(TinyNet(), datamodule=BlobsData())
+    trainer.save_checkpoint(plain)
+    for path, message in (
+        (tmp_path / "evil.ckpt", r"evil\.ckpt' could not be read as a checkpoint of weights"),
+        (text, r"notes\.txt' could not be read as a checkpoint of weights"),
+        (plain, r"plain\.ckpt' is not a DIMAT checkpoint"),
+    ):
+        strategy = DIMATStrategy(num_agents=2, init_from=str(path))
+        with pytest.raises(ValueError, match=message):
+            make_trainer(strategy=strategy, max_epochs=1).fit(TinyNet(), datamodule=BlobsData())
+    assert not marker.exists()
