@@ -31,6 +31,21 @@ def check_int(name: str, value: Any, minimum: int | None = None, hint: str = "")
     return int(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool`` (not a string such as ``"no"``, which Python would take as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def check_instance(name: str, value: Any, kind: type, hint: str = "") -> Any:
+    """``value`` if it is ``None`` or an instance of ``kind``; else a ``TypeError`` naming it."""
+    if value is not None and not isinstance(value, kind):
+        suffix = f" ({hint})" if hint else ""
+        raise TypeError(f"{name} must be a {kind.__name__} or None{suffix}, got {value!r}.")
+    return value
+
+
 def check_index(name: str, value: Any, size: int, what: str = "agent") -> int:
     """``value`` as an ``int`` if it is an integer in ``0..size-1``; else ``ValueError``."""
     valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)

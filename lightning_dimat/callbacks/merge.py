@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import networkx as nx
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -30,7 +31,7 @@ from lightning_dimat.permutation.shared_basis import basis_permutations, moved_f
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy, MergeRound
 from lightning_dimat.topology import Topology
-from lightning_dimat.validation import check_choice, check_index, check_int
+from lightning_dimat.validation import check_bool, check_choice, check_index, check_instance, check_int
 
 
 class MergeCallback(Callback):
@@ -107,8 +108,10 @@ class MergeCallback(Callback):
         self.basis_built = False
         self.method = method
         self.matcher = resolve_matcher(method)
-        self.recompute_batchnorm = recompute_batchnorm
-        self.spec = spec
+        self.recompute_batchnorm = check_bool("recompute_batchnorm", recompute_batchnorm)
+        self.spec = check_instance(
+            "spec", spec, PermutationSpec, "build one with PermutationSpec.from_groups, or leave it None"
+        )
         self.ledger = CommunicationLedger()
         self.round = 0
         self.merged_epochs: list[int] = []
@@ -134,6 +137,14 @@ class MergeCallback(Callback):
         strategy = self._dimat(trainer)
         assert strategy.swarm is not None
         self.ledger.restrict(strategy.swarm.agent_ids)  # a checkpoint holds every process's agents
+        last = trainer.max_epochs
+        remaining = range(trainer.current_epoch, last) if last is not None and last >= 0 else None
+        if remaining is not None and not any(map(self.should_merge, remaining)):
+            rank_zero_warn(
+                f"MergeCallback(every_n_epochs={self.every_n_epochs}, start_epoch={self.start_epoch}) never "
+                f"merges in this run (epochs {trainer.current_epoch}..{last - 1} of max_epochs={last}): the "
+                "agents train alone. Lower every_n_epochs or start_epoch, or raise max_epochs."
+            )
         if not self.matcher.uses_spec:
             return
         agent_id = strategy.swarm.agent_ids[0]

@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,7 +111,15 @@ def _unflatten(
     return states
 
 
+def failure_cause(started: float, timeout: timedelta | None) -> str:
+    """Why a collective that began at ``started`` (``time.monotonic()``) failed, with the actual wait."""
+    waited = time.monotonic() - started
+    limit = "no timeout" if timeout is None else f"the timeout is {timeout.total_seconds():g} s"
+    return f"after {waited:.1f} s, another process died or did not answer ({limit}; a dead peer fails sooner)"
+
+
 def _wait(works: Sequence[dist.Work], timeout: timedelta | None, plan: ExchangePlan, what: str) -> None:
+    started = time.monotonic()
     for work in works:
         try:
             if timeout is None:
@@ -119,9 +128,9 @@ def _wait(works: Sequence[dist.Work], timeout: timedelta | None, plan: ExchangeP
                 work.wait(timeout)
         except Exception as error:  # gloo/nccl raise RuntimeError subclasses with transport details
             raise ExchangeError(
-                f"Rank {plan.rank}: the merge exchange ({what}) with ranks {plan.peers} failed: another "
-                f"process died or did not answer within {timeout}. Nothing since the last checkpoint is "
-                f"saved; resume from it with ckpt_path=... ({type(error).__name__}: {error})"
+                f"Rank {plan.rank}: the merge exchange ({what}) with ranks {plan.peers} failed "
+                f"{failure_cause(started, timeout)}. Nothing since the last checkpoint is saved; resume "
+                f"from it with ckpt_path=... ({type(error).__name__}: {error})"
             ) from error
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -11,21 +12,21 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lightning_dimat.comm.transport import ExchangeError
+from lightning_dimat.comm.transport import ExchangeError, failure_cause
 
 
 @contextlib.contextmanager
 def failing_clearly(rank: int, what: str, timeout: timedelta | None) -> Iterator[None]:
     """Turns a failed collective (a process died, or hung past ``timeout``) into an :class:`ExchangeError`."""
+    started = time.monotonic()
     try:
         yield
     except ExchangeError:
         raise
     except RuntimeError as error:  # gloo/nccl errors, including DistBackendError and timeouts
         raise ExchangeError(
-            f"Rank {rank}: {what} failed: another process died or did not answer within {timeout}. Nothing "
-            f"since the last checkpoint is saved; resume from it with ckpt_path=... "
-            f"({type(error).__name__}: {error})"
+            f"Rank {rank}: {what} failed {failure_cause(started, timeout)}. Nothing since the last "
+            f"checkpoint is saved; resume from it with ckpt_path=... ({type(error).__name__}: {error})"
         ) from error
 
 

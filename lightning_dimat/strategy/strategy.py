@@ -140,7 +140,7 @@ class DIMATStrategy(DDPStrategy):
         self.partition = partition
         self.partition_options = dict(partition_options or {})
         self.agent_init = check_choice("agent_init", agent_init, ("reinit", "copy"))
-        self.seed = check_int("seed", seed)
+        self.seed = check_int("seed", seed, minimum=0)
         self.export = _checked_export(export, num_agents)
         self.random_streams = tuple(random_streams)
         unknown = sorted(set(self.random_streams) - set(LIBRARIES))

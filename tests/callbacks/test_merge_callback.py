@@ -101,11 +101,26 @@ def test_optimizer_state_option_is_checked() -> None:
         ({"start_epoch": -1}, "start_epoch must be an integer >= 0, got -1"),
         ({"num_batches": 0}, "num_batches must be an integer >= 1, got 0"),
         ({"method": "activations"}, "Unknown merge method 'activations'"),
+        ({"recompute_batchnorm": "no"}, "recompute_batchnorm must be true or false, got 'no'"),
     ],
 )
 def test_bad_merge_options_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MergeCallback(**options)
+
+
+def test_a_spec_that_is_not_a_permutation_spec_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"spec must be a PermutationSpec or None.*got 'foo'"):
+        MergeCallback(spec="foo")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("options", "max_epochs"), [({"every_n_epochs": 3}, 2), ({"start_epoch": 4}, 3)])
+def test_a_run_that_can_never_merge_is_warned_about(options: dict[str, Any], max_epochs: int) -> None:
+    merge = MergeCallback(method="average", **options)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge], max_epochs=max_epochs)
+    with pytest.warns(UserWarning, match=f"never merges in this run .*max_epochs={max_epochs}"):
+        trainer.fit(TinyNet(), datamodule=BlobsData())
+    assert merge.round == 0
 
 
 def test_merge_callback_needs_the_dimat_strategy() -> None:

@@ -241,9 +241,11 @@ def test_modules_dimat_cannot_train_get_a_clear_error(module: type, message: str
 
 
 def test_bad_seed_and_partition_options_are_refused_at_construction() -> None:
-    with pytest.raises(ValueError, match="seed must be an integer, got 'x'"):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got 'x'"):
         DIMATStrategy(seed="x")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"seed must be an integer, got 1\.7"):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        DIMATStrategy(seed=-1)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got 1\.7"):
         DIMATStrategy(seed=1.7)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"partition 'iid' takes no option\(s\) \['alpha'\]"):
         DIMATStrategy(partition="iid", partition_options={"alpha": 0.5})

@@ -146,6 +146,6 @@ def test_spawn_and_fork_launchers_hand_the_exported_module_back(
 
 def test_a_peer_that_dies_mid_exchange_ends_the_run_with_a_clear_error(tmp_path: Path) -> None:
     result = _run(tmp_path, "dies", "--devices", "2", "--die", "--timeout", "20", expect_failure=True)
-    assert "another process died or did not answer" in result["error"]
+    assert "another process died or did not answer (the timeout is 20 s" in result["error"]
     assert "resume from it with ckpt_path" in result["error"]
     assert result["seconds"] < 20 + 10
