@@ -33,24 +33,43 @@ class AgentData:
         self.shards: list[np.ndarray] | None = None
         self.loaders: dict[int, DataLoader] = {}
 
-    def shard(self, dataloader: DataLoader, agent_ids: list[int], streams: AgentRandomStreams) -> AgentLoader:
-        """Splits ``dataloader``'s dataset over all agents; the loader of the local agents' shards."""
+    def shard(
+        self,
+        dataloader: DataLoader,
+        agent_ids: list[int],
+        streams: AgentRandomStreams,
+        batchnorm: bool = False,
+    ) -> AgentLoader:
+        """Splits ``dataloader``'s dataset over all agents; the loader of the local agents' shards.
+
+        Refuses, naming the agents, shards that cannot train: no full batch under ``drop_last=True``, or
+        a last batch of a single sample when ``batchnorm`` (the model has ``BatchNorm1d``, which cannot
+        train on one sample).
+        """
         labels = dataset_labels(dataloader.dataset)
         self.shards = partition(labels, self.num_agents, self.scheme, self.seed, **self.options)
+        batch_size, drop_last = dataloader.batch_size, dataloader.drop_last
+        assert batch_size is not None
+        sizes = {agent_id: len(shard) for agent_id, shard in enumerate(self.shards)}
+        idle = {g: n for g, n in sizes.items() if batches_per_epoch(n, batch_size, drop_last) == 0}
+        if idle:
+            raise ValueError(
+                f"With batch_size={batch_size} and drop_last=True agents {sorted(idle)} get no full batch "
+                f"(shard sizes {idle}) and would never train; lower the batch size, set drop_last=False, "
+                "or choose a partition that gives every agent enough samples."
+            )
+        single = {g: n for g, n in sizes.items() if batchnorm and not drop_last and n % batch_size == 1}
+        if single:
+            raise ValueError(
+                f"With batch_size={batch_size} the shards of agents {sorted(single)} (sizes {single}) end "
+                "with a batch of one sample, on which BatchNorm cannot train; set drop_last=True in the "
+                "training DataLoader or change the batch size."
+            )
         self.loaders = {
             agent_id: clone_for_shard(dataloader, self.shards[agent_id], self.seed, agent_id)
             for agent_id in agent_ids
         }
-        assert dataloader.batch_size is not None
-        num_batches = max(
-            batches_per_epoch(len(shard), dataloader.batch_size, dataloader.drop_last)
-            for shard in self.shards
-        )
-        if num_batches == 0:
-            raise ValueError(
-                f"With batch_size={dataloader.batch_size} and drop_last=True no agent gets a full batch "
-                f"(largest shard: {max(map(len, self.shards))} samples); lower the batch size."
-            )
+        num_batches = max(batches_per_epoch(n, batch_size, drop_last) for n in sizes.values())
         return AgentLoader(self.loaders, num_batches, streams)
 
     def _loader(self, agent_id: int) -> DataLoader:

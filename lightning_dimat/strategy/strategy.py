@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -393,7 +393,13 @@ class DIMATStrategy(DDPStrategy):
                 "return a single torch.utils.data.DataLoader from train_dataloader()."
             )
         assert self.swarm is not None
-        return self.data.shard(dataloader, self.swarm.agent_ids, self.swarm.streams)
+        # BatchNorm1d normalises each feature over the batch alone: a batch of one sample fails in training.
+        batchnorm = any(
+            isinstance(module, nn.BatchNorm1d)
+            for _, agent in self.swarm.items()
+            for module in agent.modules()
+        )
+        return self.data.shard(dataloader, self.swarm.agent_ids, self.swarm.streams, batchnorm)
 
     def _prepare_batch(self, agent_id: int, batch: Any) -> Any:
         assert self.swarm is not None
