@@ -8,6 +8,7 @@ import time
 from typing import Any, Literal
 
 import networkx as nx
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -149,8 +150,20 @@ class MergeCallback(Callback):
             return
         agent_id = strategy.swarm.agent_ids[0]
         agent = strategy.swarm.agent(agent_id)
-        self._spec = spec_for(agent, first_input(agent, [strategy.example_batch(agent_id)]), self.spec)
+        batch = strategy.example_batch(agent_id)
+        self._spec = spec_for(agent, first_input(agent, [batch]), self.spec)
         strategy.consensus_spec = self._spec
+        # Run what a merge runs, on one batch and a copy of the agent: a model the matcher cannot handle
+        # (e.g. no probes because forward returns hidden units too) fails now, not after the first epoch.
+        rehearsal = copy.deepcopy(agent)
+        with torch.random.fork_rng(devices=[]):
+            self.matcher.match(
+                rehearsal,
+                [rehearsal.state_dict()],
+                [batch] if self.matcher.requires_data else None,
+                spec=self._spec,
+                forward_context=strategy.precision_plugin.forward_context,
+            )
 
     def should_merge(self, epoch: int) -> bool:
         """Whether to merge after (0-based) ``epoch``."""

@@ -226,7 +226,10 @@ def match_activations(
     """
     if not spec.probes:
         raise ValueError(
-            "The spec has no probes: activation matching needs them (use weight matching instead)."
+            f"The spec has no probes ({len(spec.group_sizes)} permutable groups): activation matching needs "
+            "them. A channel space that forward returns (e.g. `return logits, hidden`) is pinned and cannot "
+            "be permuted: return only the outputs from forward, pass spec=... with probes, or use "
+            "method='weight' or 'average'."
         )
     unprobed = sorted(set(spec.group_sizes) - set(spec.probes))
     if unprobed:

@@ -127,3 +127,36 @@ def test_merge_callback_needs_the_dimat_strategy() -> None:
     trainer = make_trainer(callbacks=[MergeCallback()], max_epochs=1)
     with pytest.raises(ValueError, match="MergeCallback needs Trainer\\(strategy=DIMATStrategy"):
         trainer.fit(TinyNet(), datamodule=BlobsData())
+
+
+class _LogitsAndHidden(TinyNet):
+    """forward returns the hidden units too: they are pinned, so activation matching has no probes."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        hidden = torch.relu(self.net[1](self.net[0](x)))
+        return self.net[4](hidden), hidden
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x)[0], y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+
+class _CountEpochs(Callback):
+    def __init__(self) -> None:
+        self.epochs = 0
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.epochs += 1
+
+
+def test_the_start_of_training_check_runs_what_the_merge_runs() -> None:
+    # Before, the spec check passed and the run failed after its first epoch of training.
+    counter = _CountEpochs()
+    merge = MergeCallback(every_n_epochs=1, method="activation")
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge, counter], max_epochs=2)
+    with pytest.raises(ValueError, match=r"no probes .*`return logits, hidden`"):
+        trainer.fit(_LogitsAndHidden(), datamodule=BlobsData())
+    assert counter.epochs == 0 and trainer.global_step == 0
