@@ -19,12 +19,17 @@ stay statistics on a directed graph); integer entries (``num_batches_tracked``) 
 ``precision="16-mixed"`` a step the GradScaler skips (inf gradients in any agent) still gossips — without a
 local update — in both. Communication is counted per step in a
 :class:`~lightning_dimat.comm.CommunicationLedger` and logged at each epoch end as ``comm/*``.
+
+A non-finite agent (NaN or infinite values) is left out of every exchange — its neighbours renormalise
+their weights over the finite agents (CDSGD) or receive nothing from it (SGP: push-sum stays unbiased) — and
+is rebuilt from its finite neighbours with its gradient dropped and optimizer state reset, with a warning;
+``on_nonfinite="raise"`` raises :class:`~lightning_dimat.merge.NonFiniteAgentError` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,17 +40,20 @@ from typing_extensions import override
 from lightning_dimat.callbacks.metrics import communication_metrics, gathered_ledger
 from lightning_dimat.comm.gather import gather_fields_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
+from lightning_dimat.merge.finite import ON_NONFINITE, check_states, no_finite_neighbour, renormalised
 from lightning_dimat.merge.state import StateDict, weighted_state
-from lightning_dimat.strategy import DIMATStrategy
+from lightning_dimat.strategy import AgentHandle, DIMATStrategy
 from lightning_dimat.topology import column_stochastic
+from lightning_dimat.validation import check_choice
 
 PUSH_SUM_WEIGHT = "__push_sum_weight__"
 
 
 class _GossipCallback(Callback):
-    """Shared plumbing: the strategy, the ledger and its logging."""
+    """Shared plumbing: the strategy, the ledger and its logging, the non-finite check."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_nonfinite: Literal["restore", "raise"] = "restore") -> None:
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         self.ledger = CommunicationLedger()
         self.steps = 0
         self._strategy_ref: DIMATStrategy | None = None
@@ -66,6 +74,21 @@ class _GossipCallback(Callback):
         strategy = self._strategy(trainer)
         assert strategy.swarm is not None
         self.ledger.restrict(strategy.swarm.agent_ids)
+
+    def _check_finite(self, states: Mapping[int, Mapping[str, Tensor]], trainer: Trainer) -> list[int]:
+        """Non-finite agents among ``states`` (warned about, or raised for: see the module doc)."""
+        strategy = self._strategy(trainer)
+        assert strategy.swarm is not None
+        where = f"gossip step {self.steps} (epoch {trainer.current_epoch})"
+        return check_states(states, strategy.swarm.agent_ids, self.on_nonfinite, where, type(self).__name__)
+
+    @staticmethod
+    def _restart(handle: AgentHandle) -> None:
+        """A restored agent forgets the step that broke it: no gradient, no optimizer state."""
+        for parameter in handle.module.parameters():
+            parameter.grad = None
+        if handle.optimizer is not None:
+            handle.optimizer.state.clear()
 
     @staticmethod
     def _strategy(trainer: Trainer) -> DIMATStrategy:
@@ -109,11 +132,17 @@ class CDSGDCallback(_GossipCallback):
         """Mixes every agent's weights with its neighbours' before its optimizer applies the gradient."""
         round = self._strategy(trainer).begin_round(index=self.steps, ledger=self.ledger)
         states = round.gather()
-        mixed = {
-            handle.agent_id: weighted_state([states[j] for j in handle.order], handle.mixing_row)
-            for handle in round
-        }
+        bad = self._check_finite(states, trainer)
+        mixed = {}
+        for handle in round:
+            order, row = renormalised(handle.order, handle.mixing_row, bad)
+            if not order:
+                raise no_finite_neighbour(handle.agent_id, f"gossip step {self.steps}")
+            mixed[handle.agent_id] = weighted_state([states[j] for j in order], row)
         round.commit(mixed, recompute_batchnorm=False)
+        for handle in round:
+            if handle.agent_id in bad:
+                self._restart(handle)
         self.steps += 1
 
 
@@ -135,8 +164,12 @@ class SGPCallback(_GossipCallback):
         array([1., 1., 1.])
     """
 
-    def __init__(self, mixing: Sequence[Sequence[float]] | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        mixing: Sequence[Sequence[float]] | None = None,
+        on_nonfinite: Literal["restore", "raise"] = "restore",
+    ) -> None:
+        super().__init__(on_nonfinite)
         self.mixing = None if mixing is None else column_stochastic(mixing)
         self.numerators: dict[int, StateDict] = {}
         self.push_weights: dict[int, float] = {}
@@ -212,10 +245,14 @@ class SGPCallback(_GossipCallback):
             payloads[handle.agent_id] = payload
         receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in payloads}
         pushed = round.gather(payloads, receivers=receivers)
+        bad = self._check_finite(pushed, trainer)
         new_states: dict[int, StateDict] = {}
         for handle in round:
             agent_id = handle.agent_id
             senders = [agent_id, *(int(j) for j in np.flatnonzero(mixing[agent_id]) if j != agent_id)]
+            senders = [j for j in senders if j not in bad]  # a non-finite agent pushes nothing
+            if not senders:
+                raise no_finite_neighbour(agent_id, f"gossip step {self.steps}")
             shares = [float(mixing[agent_id, j]) for j in senders]
             numerator_keys = [*self.numerators[agent_id], PUSH_SUM_WEIGHT]
             mixed = weighted_state([_subset(pushed[j], numerator_keys) for j in senders], shares)
@@ -228,6 +265,9 @@ class SGPCallback(_GossipCallback):
             self.numerators[agent_id], self.push_weights[agent_id] = mixed, weight
             new_states[agent_id] = {**{k: z / weight for k, z in mixed.items()}, **buffers}
         round.commit(new_states, recompute_batchnorm=False)
+        for handle in round:
+            if handle.agent_id in bad:
+                self._restart(handle)
         self.steps += 1
 
     @override

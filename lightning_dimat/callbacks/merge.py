@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import networkx as nx
@@ -23,6 +24,15 @@ from lightning_dimat.callbacks.metrics import (
 from lightning_dimat.comm.gather import gather_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
 from lightning_dimat.merge.combine import merge_into_basis
+from lightning_dimat.merge.finite import (
+    ON_NONFINITE,
+    NonFiniteAgentError,
+    check_states,
+    no_finite_neighbour,
+    nonfinite_agents,
+    nonfinite_message,
+    renormalised,
+)
 from lightning_dimat.merge.inputs import first_input, num_samples
 from lightning_dimat.merge.matchers import Matcher, resolve_matcher
 from lightning_dimat.merge.state import StateDict, load_state_in_place
@@ -53,6 +63,12 @@ class MergeCallback(Callback):
     ``identity_bias`` decides how far a unit must beat staying in place to move. The shared basis is kept in
     checkpoints. Matchers without permutations (``"average"``) need no basis.
 
+    **Non-finite agents.** Before each merge every received state is checked: an agent holding NaN or
+    infinite values is left out of its neighbours' merges (their mixing weights renormalised over the
+    finite agents) and is itself rebuilt from its finite neighbours (in the first one's basis, optimizer
+    state reset), with a warning naming the agent, epoch and step — or, with ``on_nonfinite="raise"``, the
+    merge raises :class:`~lightning_dimat.merge.NonFiniteAgentError`. Logged as ``merge/nonfinite_agents``.
+
     Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the neighbour states each
     agent receives, summed over local agents), ``merge/bytes_sent`` (bytes that crossed process boundaries),
     ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
@@ -79,6 +95,8 @@ class MergeCallback(Callback):
         basis: ``"own"`` (paper-faithful: every agent stays in its own basis) or ``"shared"`` (all agents
             brought into one basis before the first merge).
         root: the agent whose basis becomes the shared one.
+        on_nonfinite: ``"restore"`` a non-finite agent from its neighbours (and leave it out of theirs), or
+            ``"raise"``.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -99,6 +117,7 @@ class MergeCallback(Callback):
         optimizer_state: Literal["keep", "reset"] = "keep",
         basis: Literal["own", "shared"] = "own",
         root: int = 0,
+        on_nonfinite: Literal["restore", "raise"] = "restore",
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
@@ -106,6 +125,9 @@ class MergeCallback(Callback):
         self.optimizer_state = check_choice("optimizer_state", optimizer_state, ("keep", "reset"))
         self.basis = check_choice("basis", basis, ("own", "shared"))
         self.root = check_int("root", root, minimum=0)
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        self.nonfinite_agents: list[int] = []
+        """The local agents found non-finite (and restored) at the last merge."""
         self.basis_built = False
         self.method = method
         self.matcher = resolve_matcher(method)
@@ -188,18 +210,26 @@ class MergeCallback(Callback):
             num_batches=self.num_batches if wants_data else None, index=self.round, ledger=self.ledger
         )
         states = round.gather()
+        bad = self._check_finite(states, trainer)
         merged: dict[int, StateDict] = {}
         moved: list[float] = []
         for handle in round:
+            order, row = renormalised(handle.order, handle.mixing_row, bad)
+            if not order:
+                raise no_finite_neighbour(handle.agent_id, self._where(trainer))
+            # A non-finite agent is rebuilt from its finite neighbours, in the basis of the first of them.
+            reference = (
+                handle.module if order[0] == handle.agent_id else _holding(handle.module, states[order[0]])
+            )
             data = handle.batches if self.matcher.requires_data else None
             if data is not None and self.matcher.runs_neighbours:
-                self.ledger.record_forward(handle.agent_id, len(handle.order) * num_samples(data))
+                self.ledger.record_forward(handle.agent_id, len(order) * num_samples(data))
             with handle.activate():
                 merged[handle.agent_id], found = merge_into_basis(
-                    handle.module,
-                    states[handle.agent_id],
-                    [states[j] for j in handle.neighbours],
-                    handle.mixing_row,
+                    reference,
+                    states[order[0]],
+                    [states[j] for j in order[1:]],
+                    row,
                     self.matcher,
                     data,
                     spec=self._spec,
@@ -209,10 +239,24 @@ class MergeCallback(Callback):
         round.commit(
             merged, recompute_batchnorm=self.recompute_batchnorm, optimizer_state=self.optimizer_state
         )
+        for handle in round:
+            if handle.agent_id in bad and handle.optimizer is not None:
+                handle.optimizer.state.clear()  # its moments hold the NaNs that its weights no longer do
+        self.nonfinite_agents = [g for g in bad if g in round.handles]
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
         self.last_bytes_sent = round.bytes_sent
         self._log(pl_module, self._metrics(round, strategy, time.perf_counter() - started, moved))
+
+    def _check_finite(self, states: Mapping[int, Mapping[str, Tensor]], trainer: Trainer) -> list[int]:
+        strategy = self._dimat(trainer)
+        assert strategy.swarm is not None
+        where = self._where(trainer)
+        return check_states(states, strategy.swarm.agent_ids, self.on_nonfinite, where, "MergeCallback")
+
+    @staticmethod
+    def _where(trainer: Trainer) -> str:
+        return f"merge after epoch {trainer.current_epoch}, step {trainer.global_step}"
 
     def enter_shared_basis(self, trainer: Trainer) -> None:
         """Brings every agent into agent ``root``'s basis, with its optimizer state (see the class doc)."""
@@ -228,6 +272,13 @@ class MergeCallback(Callback):
             topology=tree,
         )
         states = round.gather()
+        bad = nonfinite_agents(states)
+        if bad:
+            raise NonFiniteAgentError(
+                nonfinite_message(bad, self._where(trainer))
+                + ", before the shared basis was built: it cannot be aligned. Lower the learning rate, "
+                "or start merging earlier (start_epoch) so that the basis exists before agents diverge."
+            )
         aligner = _without_identity_bias(self.matcher)
         pairwise: dict[int, dict[str, Tensor]] = {}
         for handle in round:
@@ -273,6 +324,7 @@ class MergeCallback(Callback):
             "count": count,
             "moved": float(sum(moved)),
             "pairs": float(len(moved)),
+            "nonfinite": float(len(self.nonfinite_agents)),
         }
         summed, ledger_state = summed_over_processes(local, self.ledger, strategy)
         return {
@@ -284,6 +336,7 @@ class MergeCallback(Callback):
             "merge/consensus_distance_before": summed["before"] / summed["count"],
             "merge/consensus_distance_after": summed["after"] / summed["count"],
             "merge/permuted_fraction": summed["moved"] / max(summed["pairs"], 1.0),
+            "merge/nonfinite_agents": summed["nonfinite"],
             **communication_metrics(self.ledger, strategy, ledger_state),
         }
 
@@ -315,6 +368,13 @@ class MergeCallback(Callback):
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
         self.basis_built = bool(state_dict.get("basis_built", False))
+
+
+def _holding(module: LightningModule, state: Mapping[str, Tensor]) -> LightningModule:
+    """A copy of ``module`` holding ``state`` (the matching reference for a restored agent)."""
+    copied = copy.deepcopy(module)
+    load_state_in_place(copied, state)
+    return copied
 
 
 def _without_identity_bias(matcher: Matcher) -> Matcher:

@@ -8,6 +8,7 @@ and takes the weighted sum, :func:`recompute_batchnorm` refreshes BatchNorm stat
 
 from lightning_dimat.merge.batchnorm import batchnorm_layers, recompute_batchnorm
 from lightning_dimat.merge.combine import combine, merge_into_basis
+from lightning_dimat.merge.finite import NonFiniteAgentError, nonfinite_agents
 from lightning_dimat.merge.functional import align, merge
 from lightning_dimat.merge.inputs import first_input, model_inputs, num_samples
 from lightning_dimat.merge.matchers import (
@@ -32,6 +33,7 @@ __all__ = [
     "ActivationMatcher",
     "AverageMatcher",
     "Matcher",
+    "NonFiniteAgentError",
     "WeightMatcher",
     "align",
     "batchnorm_layers",
@@ -43,6 +45,7 @@ __all__ = [
     "merge",
     "merge_into_basis",
     "model_inputs",
+    "nonfinite_agents",
     "num_samples",
     "recompute_batchnorm",
     "register_matcher",

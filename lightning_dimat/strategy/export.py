@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,12 @@ from torch import Tensor
 
 from lightning_dimat.merge.batchnorm import recompute_batchnorm
 from lightning_dimat.merge.combine import merge_into_basis
+from lightning_dimat.merge.finite import (
+    NonFiniteAgentError,
+    is_finite_state,
+    nonfinite_agents,
+    nonfinite_message,
+)
 from lightning_dimat.merge.matchers import Matcher
 from lightning_dimat.merge.state import StateDict, load_state_in_place
 from lightning_dimat.permutation.spec import PermutationSpec
@@ -31,6 +38,12 @@ def export_to(strategy: DIMATStrategy, module: LightningModule) -> None:
         module.configure_model()  # layers built there exist in the agents, so they must here too
     if isinstance(strategy.export, int):
         state = strategy.agent_states()[strategy.export]  # (collective: every process takes part)
+        if not is_finite_state(state):
+            raise NonFiniteAgentError(
+                nonfinite_message([strategy.export], f"end of fit (export={strategy.export})")
+                + "; nothing was loaded into your module. Export another agent or 'consensus', which "
+                "leaves non-finite agents out."
+            )
     else:
         state = consensus_state(strategy, strategy.begin_round(num_batches=CONSENSUS_BATCHES))
     module.load_state_dict({key: value.to(module.device) for key, value in state.items()})
@@ -61,12 +74,25 @@ def merged_consensus(
     matcher: Matcher,
     spec: PermutationSpec | None,
 ) -> StateDict:
-    """``states`` (every agent's) merged with equal weights in the basis of the round's first local agent."""
+    """The finite ``states`` (every agent's) merged with equal weights in the basis of the round's first local
+    agent (of the first finite agent if that one is not finite); a warning names agents left out."""
     reference_handle = next(iter(round))
+    bad = nonfinite_agents(states)
+    finite = [agent_id for agent_id in sorted(states) if agent_id not in bad]
+    if not finite:
+        raise NonFiniteAgentError(nonfinite_message(bad, "end of fit") + ": there is no consensus to export.")
+    if bad:
+        warnings.warn(
+            nonfinite_message(bad, "end of fit") + ": left out of the exported consensus.", stacklevel=2
+        )
     reference = reference_handle.module
     device = next(iter(reference.state_dict().values())).device
-    others = [agent_id for agent_id in sorted(states) if agent_id != reference_handle.agent_id]
-    weights = [1.0 / len(states)] * len(states)
+    first = reference_handle.agent_id if reference_handle.agent_id in finite else finite[0]
+    if first != reference_handle.agent_id:
+        reference = copy.deepcopy(reference)
+        load_state_in_place(reference, {key: value.to(device) for key, value in states[first].items()})
+    others = [agent_id for agent_id in finite if agent_id != first]
+    weights = [1.0 / len(finite)] * len(finite)
     merged, _ = merge_into_basis(
         reference,
         reference.state_dict(),
