@@ -66,13 +66,25 @@ class TrainerFlags:
 
 
 def reinitialise_agents(swarm: AgentSwarm, seed: int, device: torch.device) -> None:
-    """Fresh parameters for agent g from seed ``(seed, g)``: every submodule's ``reset_parameters``."""
+    """Fresh parameters for agent g from seed ``(seed, g)``: every submodule's ``reset_parameters``.
+
+    Frozen parameters (``requires_grad=False``, e.g. a pre-trained backbone) stay as given: a submodule
+    whose own parameters are all frozen is not reset at all (its buffers, such as BatchNorm statistics,
+    are kept too), and in a partly frozen one the frozen tensors are put back after the reset.
+    """
     for agent_id, agent in swarm.items():
         with seeded(agent_seed(seed, agent_id, 0), device), torch.no_grad():
             for module in agent.modules():
                 reset = getattr(module, "reset_parameters", None)
-                if module is not agent and callable(reset):
-                    reset()
+                if module is agent or not callable(reset):
+                    continue
+                own = dict(module.named_parameters(recurse=False))
+                frozen = {name: p.detach().clone() for name, p in own.items() if not p.requires_grad}
+                if own and len(frozen) == len(own):
+                    continue
+                reset()
+                for name, value in frozen.items():
+                    own[name].copy_(value)
 
 
 def load_initial_weights(swarm: AgentSwarm, path: str | Path, num_agents: int) -> None:

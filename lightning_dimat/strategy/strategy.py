@@ -78,7 +78,9 @@ class DIMATStrategy(DDPStrategy):
             or ``shards`` (see :data:`~lightning_dimat.partition.PARTITIONS`).
         partition_options: options of the scheme, e.g. ``{"alpha": 0.5}`` for ``dirichlet``.
         agent_init: ``"reinit"`` gives agent g fresh parameters from seed ``(seed, g)`` (each submodule's
-            ``reset_parameters``); ``"copy"`` starts every agent from your module's weights.
+            ``reset_parameters``) — frozen parameters (``requires_grad=False``, e.g. a pre-trained
+            backbone) and the buffers of fully frozen submodules stay as you gave them; ``"copy"`` starts
+            every agent from your module's weights.
         seed: seeds agent initialisation, the partition, shuffling and every agent's random stream.
         export: after ``fit``, what is loaded into your module: an agent id, ``"consensus"`` (all agents
             merged into agent 0's basis with equal weights by the merge callback's method, BatchNorm

@@ -80,3 +80,28 @@ def test_init_from_loads_weights_only_and_names_a_file_it_cannot_use(tmp_path: P
         with pytest.raises(ValueError, match=message):
             make_trainer(strategy=strategy, max_epochs=1).fit(TinyNet(), datamodule=BlobsData())
     assert not marker.exists()
+
+
+class _FrozenBackbone(TinyNet):
+    """The first Linear and the BatchNorm are a 'pre-trained backbone': frozen, with known values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.net[0].weight.fill_(0.25)
+            self.net[1].running_mean.fill_(3.0)
+        for module in (self.net[0], self.net[1]):
+            module.requires_grad_(False)
+
+
+def test_reinit_keeps_frozen_parameters_and_their_buffers_as_given() -> None:
+    strategy = DIMATStrategy(num_agents=3, agent_init="reinit")
+    start = _StartingWeights()
+    make_trainer(strategy=strategy, max_epochs=1, limit_train_batches=1, callbacks=[start]).fit(
+        _FrozenBackbone(), datamodule=BlobsData()
+    )
+    for g in range(3):
+        assert torch.equal(start.states[g]["net.0.weight"], torch.full((16, 8), 0.25))
+        assert torch.equal(start.states[g]["net.1.running_mean"], torch.full((16,), 3.0))
+    # The trainable head is re-drawn per agent, as before.
+    assert not torch.equal(start.states[0]["net.4.weight"], start.states[1]["net.4.weight"])
