@@ -32,14 +32,18 @@ class DIMATCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def build_cli(args: Any = None, run: bool = True) -> DIMATCLI:
-    """The CLI over any LightningModule/LightningDataModule named by ``class_path``; returns it."""
+def build_cli(args: Any = None, run: bool = True, exit_on_error: bool = True) -> DIMATCLI:
+    """The CLI over any LightningModule/LightningDataModule named by ``class_path``; returns it.
+
+    ``exit_on_error=False`` raises the parser's error (with its message) instead of printing it and exiting.
+    """
     return DIMATCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
         run=run,
     )

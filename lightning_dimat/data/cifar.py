@@ -120,6 +120,15 @@ class _CIFARDataModule(SplitDataModule):
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return [name for name in names if not (folder / name).is_file()]
 
+    def missing_data(self) -> str | None:
+        """What is missing for this data module to load (``None``: nothing, or it will be downloaded)."""
+        missing = self._missing_files()
+        if not missing or self.download:
+            return None
+        return (
+            f"{self.dataset_class.__name__} files {missing} not found under '{self.root}' and download=False"
+        )
+
     def prepare_data(self) -> None:
         """Downloads and extracts the dataset into ``data_dir`` if it is missing and ``download=True``."""
         if self.download and self._missing_files():

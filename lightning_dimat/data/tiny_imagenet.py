@@ -381,6 +381,11 @@ class TinyImageNetDataModule(SplitDataModule):
         crop = [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
         return T.Compose([resize, *crop, *to_tensor_and_normalize])
 
+    def missing_data(self) -> str | None:
+        """What is missing for this data module to load (``None``: nothing), without reading any image."""
+        path = Path(os.path.expanduser(self.data_dir))
+        return None if path.exists() else f"Tiny ImageNet not found at '{path}' (expected a folder or .zip)"
+
     def setup(self, stage: str | None = None) -> None:
         """Indexes both splits (labels only; images are read per item) and builds the three sets."""
         if hasattr(self, "train_set"):

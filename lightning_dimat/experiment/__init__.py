@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from lightning_dimat.experiment.report import write_report
-from lightning_dimat.experiment.runner import History, cell_dir, run_experiment
+from lightning_dimat.experiment.runner import History, cell_dir, check_experiment, run_experiment
 from lightning_dimat.experiment.spec import Cell, Experiment, Method, load_experiment
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Experiment",
     "History",
     "Method",
+    "check_experiment",
     "load_experiment",
     "main",
     "run_experiment",
@@ -34,12 +35,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="edit the file: key=value"
     )
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and build their configs only")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the whole grid (names, types, data) and list its runs, without training",
+    )
     args = parser.parse_args(argv)
     experiment = load_experiment(args.file, args.overrides)
+    counts = check_experiment(experiment)  # everything checked before any work
     if args.dry_run:
         for cell in experiment.cells:
             print(cell_dir(experiment, cell))
+        print(
+            f"{counts['pretrain_runs']} pre-training runs ({counts['pretrain_to_run']} to run), "
+            f"{counts['grid_runs']} grid runs ({counts['grid_to_run']} to run): the grid checks out."
+        )
         return
     results = run_experiment(experiment, jobs=args.jobs)
     paths = write_report(experiment, results)

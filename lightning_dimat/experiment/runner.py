@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -178,14 +179,65 @@ def is_finished(experiment: Experiment, kind: str, cell: Cell) -> bool:
     """Whether ``cell``'s run (``kind``: ``"pretrain"`` or ``"cell"``) has a result that is still valid: for a
     cell, one that started from the pre-trained agents on disk now (a re-run pre-training invalidates it)."""
     path = _dir(experiment, kind, cell) / "result.json"
-    if not path.is_file():
+    result = _read_cached(path)
+    if result is None:
         return False
     if kind == "pretrain":
+        checkpoint = path.parent / "agents.ckpt"
+        if experiment.pretrain_epochs and not checkpoint.is_file():
+            warnings.warn(f"{checkpoint} is missing: pre-training again.", stacklevel=2)
+            return False
         return True
-    pretrained = pretrain_dir(experiment, cell) / "result.json"
-    return (
-        pretrained.is_file() and _read(path).get("pretrained_fingerprint") == _read(pretrained)["fingerprint"]
-    )
+    pretrained = _read_cached(pretrain_dir(experiment, cell) / "result.json")
+    return pretrained is not None and result.get("pretrained_fingerprint") == pretrained.get("fingerprint")
+
+
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached result, or ``None`` if it is absent or unreadable (then, with a warning, it runs again)."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        warnings.warn(f"{path} is truncated or corrupt ({error}): running it again.", stacklevel=3)
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def check_experiment(experiment: Experiment) -> dict[str, int]:
+    """Builds every distinct run's config the way the runner will (classes, names and types checked by
+    the CLI) and checks that each run's data exists, before any work; returns the counts of pre-training
+    and grid runs, and of those still to run.
+
+    Raises:
+        ValueError: naming the run and what is wrong, for the first config that cannot be built or whose
+            data is missing.
+    """
+    configs: dict[Any, tuple[str, dict[str, Any]]] = {}
+    for cell in experiment.cells:  # a seed changes no class, name or type: one build per other axes
+        axes = (cell.method, cell.topology, cell.partition, cell.num_agents)
+        configs.setdefault(
+            ("pretrain", *axes[1:]), (f"pre-training of {cell}", experiment.pretrain_config(cell))
+        )
+        configs.setdefault(axes, (str(cell), experiment.cell_config(cell, None)))
+    for name, config in configs.values():
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            cli = build_cli(args=copy.deepcopy(config), run=False, exit_on_error=False)
+        except Exception as error:
+            raise ValueError(f"{experiment.name}: the config of {name} cannot be built: {error}") from error
+        finally:
+            sys.argv = argv
+        missing = getattr(cli.datamodule, "missing_data", lambda: None)()
+        if missing:
+            raise ValueError(f"{experiment.name}: {name}: {missing}.")
+    pretrain_cells = {_pretrain_key(experiment, cell): cell for cell in experiment.cells}
+    return {
+        "pretrain_runs": len(pretrain_cells),
+        "pretrain_to_run": sum(not is_finished(experiment, "pretrain", c) for c in pretrain_cells.values()),
+        "grid_runs": len(experiment.cells),
+        "grid_to_run": sum(not is_finished(experiment, "cell", c) for c in experiment.cells),
+    }
 
 
 def _fingerprint(checkpoint: Path) -> str:

@@ -23,7 +23,9 @@ Example (``configs/cpu/grid.yaml``)::
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
+import importlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -32,10 +34,44 @@ from typing import Any
 
 import yaml
 
+from lightning_dimat.partition import PARTITIONS
+from lightning_dimat.topology.graphs import GRAPHS
 from lightning_dimat.validation import check_int
 
 GRID_AXES = ("methods", "topologies", "partitions", "seeds", "num_agents")
+TOP_LEVEL_KEYS = (
+    "name",
+    "base",
+    "output_dir",
+    "base_overrides",
+    "pretrain_epochs",
+    "iterations",
+    "epochs_per_merge",
+    "methods",
+    "grids",
+)
 MERGE_CALLBACK = "lightning_dimat.MergeCallback"
+
+
+def _refuse_unknown(keys: Any, known: tuple[str, ...], where: str) -> None:
+    """A ``ValueError`` for keys outside ``known``, with the closest known key for each (typos)."""
+    unknown = [key for key in keys if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{where} has unknown keys {', '.join(hints)}; known keys: {list(known)}.")
+
+
+def _importable(class_path: str, where: str) -> None:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        found = hasattr(importlib.import_module(module_name), name) if module_name else False
+    except ImportError:
+        found = False
+    if not found:
+        raise ValueError(f"{where}: class_path {class_path!r} cannot be imported; check its spelling.")
 
 
 @dataclass(frozen=True)
@@ -150,6 +186,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     raw = yaml.safe_load(path.read_text()) or {}
     for override in overrides or []:
         _apply_override(raw, override)
+    if not isinstance(raw, dict):
+        raise ValueError(f"Experiment file '{path}' must be a mapping, got {type(raw).__name__}.")
+    _refuse_unknown(raw, TOP_LEVEL_KEYS, f"Experiment file '{path}'")
     required = ("name", "base", "methods", "grids")
     missing = [key for key in required if key not in raw]
     if missing:
@@ -183,17 +222,14 @@ _NUMBERS = {"pretrain_epochs": 0, "iterations": 1, "epochs_per_merge": 1}
 def _method(name: str, entry: Any, path: Path) -> Method:
     if not isinstance(entry, dict):
         raise ValueError(f"'{path}': method {name!r} must be a mapping with callbacks/model/label.")
-    unknown = sorted(set(entry) - {"label", "callbacks", "model"})
-    if unknown:
-        raise ValueError(
-            f"'{path}': method {name!r} has unknown keys {unknown}; use label, callbacks, model."
-        )
+    _refuse_unknown(entry, ("label", "callbacks", "model"), f"'{path}': method {name!r}")
     callbacks = list(entry.get("callbacks") or [])
     for callback in callbacks:
         if not isinstance(callback, dict) or "class_path" not in callback:
             raise ValueError(
                 f"'{path}': each callback of method {name!r} needs a class_path, got {callback!r}."
             )
+        _importable(str(callback["class_path"]), f"'{path}': method {name!r}")
         every = (callback.get("init_args") or {}).get("every_n_epochs")
         if callback["class_path"] == MERGE_CALLBACK and every is not None:
             raise ValueError(
@@ -208,16 +244,30 @@ def _cells(grids: Any, methods: dict[str, Method], path: Path) -> list[Cell]:
         raise ValueError(f"'{path}': grids must be a non-empty list of mappings with keys {GRID_AXES}.")
     cells: list[Cell] = []
     for index, grid in enumerate(grids):
+        where = f"'{path}': grids[{index}]"
+        if not isinstance(grid, dict):
+            raise ValueError(f"{where} must be a mapping with keys {GRID_AXES}, got {grid!r}.")
+        _refuse_unknown(grid, GRID_AXES, where)
         missing = [axis for axis in GRID_AXES if not grid.get(axis)]
         if missing:
-            raise ValueError(
-                f"'{path}': grids[{index}] lacks (or has empty) {missing}; give lists for {GRID_AXES}."
-            )
+            raise ValueError(f"{where} lacks (or has empty) {missing}; give lists for {GRID_AXES}.")
+        not_lists = [axis for axis in GRID_AXES if not isinstance(grid[axis], list)]
+        if not_lists:
+            raise ValueError(f"{where}: {not_lists} must be lists, e.g. seeds: [0, 1, 2].")
         unknown = [name for name in grid["methods"] if name not in methods]
         if unknown:
-            raise ValueError(f"'{path}': grids[{index}] names methods {unknown} not defined under methods.")
-        for method, topology, partition, seed, num_agents in itertools.product(*(grid[a] for a in GRID_AXES)):
-            cell = Cell(method, str(topology), str(partition), int(seed), int(num_agents))
+            raise ValueError(f"{where} names methods {unknown} not defined under methods.")
+        for registry, axis in ((GRAPHS, "topologies"), (PARTITIONS, "partitions")):
+            for name in grid[axis]:
+                if name not in registry:
+                    raise ValueError(
+                        f"{where}: unknown {registry.kind} {name!r} in {axis}; known: {registry.names()}."
+                    )
+        seeds = [check_int(f"{where}: seed", seed, minimum=0) for seed in grid["seeds"]]
+        sizes = [check_int(f"{where}: num_agents", size, minimum=2) for size in grid["num_agents"]]
+        axes = (grid["methods"], grid["topologies"], grid["partitions"], seeds, sizes)
+        for method, topology, partition, seed, num_agents in itertools.product(*axes):
+            cell = Cell(method, str(topology), str(partition), seed, num_agents)
             if cell not in cells:
                 cells.append(cell)
     return cells

@@ -177,7 +177,17 @@ def test_cells_start_from_the_shared_pretrained_agents(tmp_cwd: Path) -> None:
             },
             "sets MergeCallback every_n_epochs=3",
         ),
-        ({"methods": {"wa": {"callback": []}}}, "unknown keys \\['callback'\\]"),
+        ({"methods": {"wa": {"callback": []}}}, "unknown keys 'callback' \\(did you mean 'callbacks'\\?\\)"),
+        # Caught before any work (issue 11 item 7): typo'd keys, float seeds, unknown names.
+        ({"iteratons": 3}, "unknown keys 'iteratons' \\(did you mean 'iterations'\\?\\)"),
+        ({"grids": [{**GRID["grids"][0], "topolgy": ["ring"]}]}, "unknown keys 'topolgy'"),
+        ({"grids": [{**GRID["grids"][0], "seeds": [0.5]}]}, "seed must be an integer >= 0, got 0.5"),
+        ({"grids": [{**GRID["grids"][0], "topologies": ["rnig"]}]}, "unknown topology 'rnig' in topologies"),
+        ({"grids": [{**GRID["grids"][0], "partitions": ["byclass"]}]}, "unknown partition scheme 'byclass'"),
+        (
+            {"methods": {"wa": {"callbacks": [{"class_path": "lightning_dimat.MergeCallbak"}]}}},
+            "class_path 'lightning_dimat.MergeCallbak' cannot be imported",
+        ),
     ],
 )
 def test_bad_experiment_files_are_refused_with_the_offending_value(
@@ -199,3 +209,41 @@ def test_without_pretraining_and_with_two_epochs_per_merge_points_follow_the_mer
         (4, 2.0, 2),
     ]
     assert result["pretrained"] == []
+
+
+def test_a_truncated_result_or_a_deleted_checkpoint_runs_again_instead_of_crashing(tmp_cwd: Path) -> None:
+    grid = {"methods": ["wa"], "topologies": ["ring"], "partitions": ["iid"], "seeds": [0], "num_agents": [3]}
+    experiment = load_experiment(write_experiment(tmp_cwd, grids=[grid]))
+    (cell,) = experiment.cells
+    run_experiment(experiment)
+    result = cell_dir(experiment, cell) / "result.json"
+    result.write_text(result.read_text()[:50])  # a run killed while writing (before the atomic rename)
+    with pytest.warns(UserWarning, match="result.json is truncated or corrupt"):
+        assert not is_finished(experiment, "cell", cell)
+    (pretrain_dir(experiment, cell) / "agents.ckpt").unlink()
+    with pytest.warns(UserWarning, match="agents.ckpt is missing: pre-training again"):
+        assert not is_finished(experiment, "pretrain", cell)
+
+
+def test_dry_run_checks_the_whole_grid_and_counts_the_runs(
+    tmp_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_dimat.experiment import main
+
+    main([str(write_experiment(tmp_cwd)), "--dry-run"])
+    assert (
+        "1 pre-training runs (1 to run), 2 grid runs (2 to run): the grid checks out."
+        in capsys.readouterr().out
+    )
+    assert not (tmp_cwd / "out").exists()  # nothing ran
+    missing = {
+        "class_path": "lightning_dimat.data.TinyImageNetDataModule",
+        "init_args": {"data_dir": "nowhere.zip"},
+    }
+    (tmp_cwd / "base.yaml").write_text(yaml.safe_dump({**BASE, "data": missing}))
+    with pytest.raises(ValueError, match=r"Tiny ImageNet not found at 'nowhere\.zip'"):
+        main([str(tmp_cwd / "grid.yaml"), "--dry-run"])
+    bad_option = {**BASE["model"], "init_args": {**BASE["model"]["init_args"], "optimiser": "sgd"}}
+    (tmp_cwd / "base.yaml").write_text(yaml.safe_dump({**BASE, "model": bad_option}))
+    with pytest.raises(ValueError, match=r"(?s)cannot be built.*Option .optimiser. is not accepted"):
+        main([str(tmp_cwd / "grid.yaml"), "--dry-run"])
