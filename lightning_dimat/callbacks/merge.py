@@ -41,6 +41,7 @@ from lightning_dimat.permutation.cache import spec_for
 from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy, MergeRound
+from lightning_dimat.strategy.run_identity import differences, refuse_differences
 from lightning_dimat.topology import Topology
 from lightning_dimat.validation import check_bool, check_choice, check_index, check_instance, check_int
 
@@ -359,11 +360,18 @@ class MergeCallback(Callback):
             "merged_epochs": list(self.merged_epochs),
             "ledger": gathered_ledger(self.ledger, self._strategy),
             "basis_built": self.basis_built,
+            "run": {"method": repr(self.matcher), "basis": self.basis},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`."""
+        """Restores :meth:`state_dict`; refuses a checkpoint of another method or basis unless the
+        strategy's ``resume_changes`` names it."""
+        saved = state_dict.get("run")
+        if saved is not None:
+            allowed = self._strategy.resume_changes if self._strategy is not None else ()
+            current = {"method": repr(self.matcher), "basis": self.basis}
+            refuse_differences(differences(saved, current, allowed), "The checkpoint's MergeCallback state")
         self.round = int(state_dict["round"])
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))

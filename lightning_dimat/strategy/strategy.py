@@ -49,6 +49,12 @@ from lightning_dimat.strategy.processes import (
     to_cpu,
 )
 from lightning_dimat.strategy.rounds import AgentHandle, MergeRound
+from lightning_dimat.strategy.run_identity import (
+    RESUME_CHANGES,
+    differences,
+    refuse_differences,
+    run_identity,
+)
 from lightning_dimat.swarm import AgentSwarm
 from lightning_dimat.swarm.random_streams import LIBRARIES, AgentRandomStreams
 from lightning_dimat.topology import Topology, build_topology
@@ -89,6 +95,9 @@ class DIMATStrategy(DDPStrategy):
             starts from that run's agent g weights (after ``agent_init``), while optimizers, epochs and random
             streams start fresh — how several methods start from the same pre-trained agents. (To *resume*
             a run, pass ``ckpt_path`` to ``fit`` instead.)
+        resume_changes: what a run resumed from a checkpoint may change: ``"topology"``, ``"partition"``,
+            ``"seed"`` (checked by the strategy), ``"method"``, ``"basis"`` (checked by ``MergeCallback``).
+            Any other difference from the run that wrote the checkpoint is refused with a clear error.
         random_streams: global generators each agent gets its own stream of, so its randomness does not
             depend on the other agents: ``"torch"`` (dropout, torchvision transforms; always), plus
             ``"numpy"`` and/or ``"python"`` if your module or main-process data pipeline draws from
@@ -117,6 +126,7 @@ class DIMATStrategy(DDPStrategy):
         export: Export = "consensus",
         random_streams: Sequence[str] = ("torch",),
         init_from: str | None = None,
+        resume_changes: Sequence[str] = (),
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -157,6 +167,9 @@ class DIMATStrategy(DDPStrategy):
                 "run (e.g. trainer.save_checkpoint(path) after pre-training)."
             )
         self.init_from = init_from
+        self.resume_changes = tuple(
+            check_choice("resume_changes", name, RESUME_CHANGES) for name in resume_changes
+        )
         self.swarm: AgentSwarm | None = None
         self.user_module: LightningModule | None = None
         self.consensus_matcher: Matcher = AverageMatcher()
@@ -418,6 +431,26 @@ class DIMATStrategy(DDPStrategy):
         return self.data.batches(agent_id, num_batches, self.swarm.streams, self._prepare_batch)
 
     # ------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Records the run's identity (Π, partition, seed) next to the agents, then saves."""
+        checkpoint.setdefault("dimat", {})["run"] = run_identity(self)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads a checkpoint to resume from, refusing one written with another Π, partition or seed
+        (unless named in ``resume_changes``)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        dimat = checkpoint.get("dimat", {})
+        saved = dimat.get("run")
+        if saved is not None and dimat.get("num_agents") == self.num_agents:  # (else the swarm refuses it)
+            found = differences(saved, run_identity(self), self.resume_changes)
+            refuse_differences(found, f"The checkpoint {str(checkpoint_path)!r}")
+        return checkpoint
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Every agent's weights (gathered from all processes), keyed ``agents.<global id>.*``."""

@@ -8,12 +8,13 @@ written by version 0.1) is tested in tests/test_properties.py.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from helpers import BlobsData, TinyNet, checkpoint_of_epoch, fit_merging_ring, make_trainer
 
-from lightning_dimat import DIMATStrategy
+from lightning_dimat import DIMATStrategy, MergeCallback
 
 
 def test_checkpoint_holds_all_agents_keyed_by_global_id(tmp_path: Path) -> None:
@@ -38,3 +39,42 @@ def test_resuming_with_another_number_of_agents_is_refused(tmp_path: Path) -> No
     trainer = make_trainer(strategy=DIMATStrategy(num_agents=4, partition="by_class"), max_epochs=2)
     with pytest.raises(ValueError, match=r"holds agents \[0, 1, 2\] but this run has num_agents=4"):
         trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=checkpoint_of_epoch(tmp_path, 0))
+
+
+def _resume(path: Path, merge: MergeCallback | None = None, **options: Any) -> None:
+    strategy = DIMATStrategy(**{"num_agents": 3, "topology": "ring", "partition": "by_class", **options})
+    callbacks = [merge or MergeCallback(every_n_epochs=2)]
+    make_trainer(strategy=strategy, callbacks=callbacks, max_epochs=2).fit(
+        TinyNet(momentum=0.9, dropout=0.3), datamodule=BlobsData(), ckpt_path=path
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "merge", "message"),
+    [
+        ({"topology": "star"}, None, r"topology \(the mixing matrix Π differs\)"),
+        ({"partition": "iid"}, None, r"partition \(checkpoint: 'by_class', this run: 'iid'\)"),
+        ({"seed": 4}, None, r"seed \(checkpoint: 0, this run: 4\)"),
+        ({}, MergeCallback(every_n_epochs=2, method="average"), r"method \(checkpoint: 'ActivationMatcher"),
+        (
+            {},
+            MergeCallback(every_n_epochs=2, basis="shared"),
+            r"basis \(checkpoint: 'own', this run: 'shared'\)",
+        ),
+    ],
+)
+def test_resuming_a_different_run_is_refused_unless_the_change_is_named(
+    tmp_path: Path, options: dict[str, Any], merge: MergeCallback | None, message: str
+) -> None:
+    fit_merging_ring(1, checkpoints=tmp_path)
+    path = checkpoint_of_epoch(tmp_path, 0)
+    with pytest.raises(ValueError, match=message + r".*resume_changes="):
+        _resume(path, merge, **options)
+    allowed = [*options] or ["method" if "method" in message else "basis"]
+    merge = None if merge is None else MergeCallback(every_n_epochs=2, method=merge.method, basis=merge.basis)
+    _resume(path, merge, resume_changes=allowed, **options)  # an explicit override is fine
+
+
+def test_resume_changes_names_only_what_may_change() -> None:
+    with pytest.raises(ValueError, match=r"resume_changes must be 'topology', .* got 'num_agents'"):
+        DIMATStrategy(resume_changes=["num_agents"])
