@@ -108,13 +108,19 @@ def agent_states(trainer: Trainer) -> dict[int, dict[str, Tensor]]:
 
 
 def fit_merging_ring(
-    max_epochs: int, checkpoints: Path | None = None, ckpt_path: Path | None = None, **options: Any
+    max_epochs: int,
+    checkpoints: Path | None = None,
+    ckpt_path: Path | None = None,
+    every_n_train_steps: int | None = None,
+    **options: Any,
 ) -> Trainer:
     """3 agents on a ring (by_class shards) merging every 2 epochs; with ``checkpoints``, a checkpoint after
-    every epoch in that folder; with ``ckpt_path``, resumed from it. ``options`` go to DIMATStrategy."""
+    every epoch (or every ``every_n_train_steps`` steps) in that folder; with ``ckpt_path``, resumed from
+    it. ``options`` go to DIMATStrategy."""
     callbacks: list[Any] = [MergeCallback(every_n_epochs=2)]
     if checkpoints is not None:
-        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, every_n_epochs=1))
+        every = {"every_n_train_steps": every_n_train_steps} if every_n_train_steps else {"every_n_epochs": 1}
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, **every))
     trainer = make_trainer(
         strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class", **options),
         callbacks=callbacks,

@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -171,6 +172,7 @@ class DIMATStrategy(DDPStrategy):
             check_choice("resume_changes", name, RESUME_CHANGES) for name in resume_changes
         )
         self.swarm: AgentSwarm | None = None
+        self._resume_batches = 0
         self.user_module: LightningModule | None = None
         self.consensus_matcher: Matcher = AverageMatcher()
         """How :attr:`export` ``="consensus"`` aligns agents (the merge callback sets its own matcher)."""
@@ -414,7 +416,19 @@ class DIMATStrategy(DDPStrategy):
             for _, agent in self.swarm.items()
             for module in agent.modules()
         )
-        return self.data.shard(dataloader, self.swarm.agent_ids, self.swarm.streams, batchnorm)
+        loader = self.data.shard(dataloader, self.swarm.agent_ids, self.swarm.streams, batchnorm)
+        if self._resume_batches:  # resuming from a mid-epoch checkpoint: the rest of that epoch
+            rank_zero_warn(
+                f"Resuming mid-epoch, after batch {self._resume_batches} of epoch {trainer.current_epoch}: "
+                "the rest of the epoch gets the same batches, and the run is bit-exact if drawing a batch "
+                "uses no random numbers; random augmentation of the rest of this epoch differs from the "
+                "uninterrupted run (the checkpoint's random streams are one prefetched batch ahead, and "
+                "DataLoader workers are re-seeded). "
+                "End-of-epoch checkpoints (ModelCheckpoint(every_n_epochs=1)) always resume exactly."
+            )
+            loader.resume_after(self._resume_batches)
+            self._resume_batches = 0
+        return loader
 
     def _prepare_batch(self, agent_id: int, batch: Any) -> Any:
         assert self.swarm is not None
@@ -444,6 +458,9 @@ class DIMATStrategy(DDPStrategy):
         """Loads a checkpoint to resume from, refusing one written with another Π, partition or seed
         (unless named in ``resume_changes``)."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._resume_batches = batches_done_mid_epoch(checkpoint)
         dimat = checkpoint.get("dimat", {})
         saved = dimat.get("run")
         if saved is not None and dimat.get("num_agents") == self.num_agents:  # (else the swarm refuses it)
@@ -499,6 +516,14 @@ class DIMATStrategy(DDPStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="DIMAT: N agents on a graph, merged by MergeCallback"
         )
+
+
+def batches_done_mid_epoch(checkpoint: Mapping[str, Any]) -> int:
+    """Batches of its epoch that a checkpoint saved mid-epoch had trained on (0 at an epoch's end)."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not progress or progress.get("is_last_batch", True):
+        return 0
+    return int(progress["current"]["processed"])
 
 
 def _checked_export(export: Any, num_agents: int) -> Export:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
@@ -41,6 +42,8 @@ class ShardSampler(Sampler[int]):
         self.seed = seed
         self.agent_id = agent_id
         self.epoch = 0
+        self.start = 0
+        """Positions of the epoch's order to skip in the next pass only (resuming mid-epoch)."""
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose order :meth:`__iter__` yields (Lightning calls it every epoch)."""
@@ -51,7 +54,8 @@ class ShardSampler(Sampler[int]):
         if self.shuffle:
             generator = np.random.default_rng(agent_seed(self.seed, self.agent_id, 1, self.epoch))
             order = order[generator.permutation(len(order))]
-        return iter(order.tolist())
+        start, self.start = self.start, 0
+        return iter(order[start:].tolist())
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -90,16 +94,41 @@ class AgentLoader:
         self.num_batches = num_batches
         self.streams = streams
         self.sampler = _EpochSetter([loader.sampler for loader in self.loaders.values()])
+        self._skip = 0
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def resume_after(self, batches: int) -> None:
+        """Makes the next pass start after its first ``batches`` steps, as if they had been drawn: the
+        rest of an epoch interrupted by a mid-epoch checkpoint. Every agent's shard order is a function
+        of (seed, agent, epoch), so skipping positions of it reproduces the batches the uninterrupted
+        run draws; the iterators are created without drawing from the agents' random streams, which the
+        checkpoint restored to their state at that step."""
+        self._skip = batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the position in an epoch is restored by the strategy from the fit loop's progress
+        (:meth:`resume_after`). Having the method tells Lightning that this loader resumes mid-epoch."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """See :meth:`state_dict`."""
+
     def __iter__(self) -> Iterator[AgentBatch]:
+        skip, self._skip = self._skip, 0
         iterators: dict[int, Iterator[Any] | None] = {}
         for agent_id, loader in self.loaders.items():
             with self.streams.activate(agent_id):
+                if not skip:
+                    iterators[agent_id] = iter(loader)
+                    continue
+                assert isinstance(loader.sampler, ShardSampler) and loader.batch_size is not None
+                loader.sampler.start = skip * loader.batch_size
+                state = torch.get_rng_state()  # creating an iterator draws a seed: not this time
                 iterators[agent_id] = iter(loader)
-        for _ in range(self.num_batches):
+                torch.set_rng_state(state)
+        for _ in range(self.num_batches - skip):
             batch = AgentBatch()
             for agent_id in self.loaders:
                 batch[agent_id] = self._next(agent_id, iterators)
