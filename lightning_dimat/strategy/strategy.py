@@ -455,8 +455,9 @@ class DIMATStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Loads a checkpoint to resume from, refusing one written with another Π, partition or seed
-        (unless named in ``resume_changes``)."""
+        """Loads a checkpoint to resume from — weights only unless you pass ``weights_only=False`` — refusing
+        one written with another Π, partition or seed (unless named in ``resume_changes``)."""
+        weights_only = True if weights_only is None else weights_only
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         trainer = self.lightning_module._trainer if self.lightning_module is not None else None
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
