@@ -23,6 +23,14 @@ from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
 from lightning_dimat.strategy import DIMATStrategy
 
 
+MERGE_METRICS = (
+    "merge/permuted_fraction",
+    "merge/consensus_distance_before",
+    "merge/consensus_distance_after",
+)
+"""What :class:`History` keeps of each iteration's merge."""
+
+
 class History(Callback):
     """Every ``epochs_per_point`` epochs (when the runner validates), records the mean and per-agent
     ``metric`` and the communication so far. With ``before_merge=True`` it also records each local agent's
@@ -62,6 +70,13 @@ class History(Callback):
             self.metric: float(metrics[self.metric]),
             "agents": [float(metrics[f"agent_{g}/{self.metric}"]) for g in agents],
         }
+        for name in (
+            "merge/permuted_fraction",
+            "merge/consensus_distance_before",
+            "merge/consensus_distance_after",
+        ):
+            if name in metrics:  # this iteration's merge (logged at the merge, before this validation)
+                point[name] = float(metrics[name])
         if self._before is not None:
             point[f"{self.metric}_before_merge"] = sum(self._before) / len(self._before)
             point["agents_before_merge"], self._before = self._before, None

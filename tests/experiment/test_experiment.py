@@ -97,6 +97,8 @@ def test_two_cell_grid_runs_reports_and_skips_finished_cells(
         assert len(point["agents_before_merge"]) == 3 and 0 <= point["val_acc_before_merge"] <= 1
     for point in cdsgd["history"]:
         assert point["agents_before_merge"] == pytest.approx(point["agents"], abs=1e-6)
+    assert all(p["merge/permuted_fraction"] == 0.0 for p in wa["history"])  # WA permutes nothing
+    assert all("merge/permuted_fraction" not in p for p in cdsgd["history"])
     assert any(p["agents_before_merge"] != pytest.approx(p["agents"], abs=1e-6) for p in wa["history"])
 
     paths = write_report(experiment, results)
