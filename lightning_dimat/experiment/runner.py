@@ -22,7 +22,6 @@ from lightning_dimat.cli import build_cli
 from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
 from lightning_dimat.strategy import DIMATStrategy
 
-
 MERGE_METRICS = (
     "merge/permuted_fraction",
     "merge/consensus_distance_before",
