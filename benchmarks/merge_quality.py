@@ -248,7 +248,8 @@ def agent_merges(train_images, train_labels, test_images, test_labels, args) -> 
     for scheme in args.partitions.split(","):
         shards = partition(train_labels.cpu().numpy(), args.agents, scheme, seed=0)
         models = [
-            train(100 + g, train_images[shard], train_labels[shard], args) for g, shard in enumerate(shards)
+            trained(100 + g, train_images[shard], train_labels[shard], args, f"{scheme}-agent{g}")
+            for g, shard in enumerate(shards)
         ]
         per_agent = max(1, args.calibration_images // args.agents)
         calibration = [[(x, None) for x in train_images[shard[:per_agent]].split(250)] for shard in shards]
@@ -261,7 +262,9 @@ def agent_merges(train_images, train_labels, test_images, test_labels, args) -> 
         print(f"{scheme}: agents before merging {sum(before) / len(before):.3f}", flush=True)
         for topology_name in ("fully_connected", "ring"):
             topology = build_topology(topology_name, args.agents)
-            for label, method, basis, bias, probes in _settings(args.probes.split(",")):
+            for label, method, basis, bias, probes in _settings(
+                args.probes.split(","), args.settings.split(";") if args.settings else None
+            ):
                 matcher = resolve_matcher(method)
                 if bias:
                     matcher = ActivationMatcher(identity_bias=bias)
@@ -296,10 +299,31 @@ def agent_merges(train_images, train_labels, test_images, test_labels, args) -> 
     return results
 
 
-def _settings(placements: list[str]) -> list[tuple[str, str, str, float, str]]:
-    """AGENT_SETTINGS with each probe placement (labelled when there is more than one; WA needs none)."""
+def trained(
+    seed: int, images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, name: str
+) -> torch.nn.Module:
+    """:func:`train`, or its result from ``--cache`` (keyed by the training options) when there."""
+    if args.cache is None:
+        return train(seed, images, labels, args)
+    key = f"{args.model}-w{args.width}-e{args.epochs}-lr{args.lr}-b{args.batch_size}-s{args.image_size}"
+    key += f"-n{len(images)}"
+    path = args.cache / f"{name}-{key}.pt"
+    if path.is_file():
+        model = build(args).to(args.device)
+        model.load_state_dict(torch.load(path, map_location=args.device, weights_only=True))
+        return model.eval()
+    model = train(seed, images, labels, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def _settings(placements: list[str], only: list[str] | None) -> list[tuple[str, str, str, float, str]]:
+    """AGENT_SETTINGS (those labelled as in ``only``, if given) with each probe placement (labelled when
+    there is more than one; WA needs none)."""
     settings = []
-    for label, method, basis, bias in AGENT_SETTINGS:
+    chosen = [s for s in AGENT_SETTINGS if only is None or s[0] in only]
+    for label, method, basis, bias in chosen:
         for probes in placements[:1] if method == "average" else placements:
             suffix = f" [{probes}]" if len(placements) > 1 and method != "average" else ""
             settings.append((label + suffix, method, basis, bias, probes))
@@ -352,6 +376,10 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=0, help="also merge N independently trained agents")
     parser.add_argument("--skip-pairwise", action="store_true", help="only the --agents part")
     parser.add_argument("--model", choices=("resnet20", "vgg16"), default="resnet20")
+    parser.add_argument("--cache", type=Path, default=None, help="folder keeping the trained agents")
+    parser.add_argument(
+        "--settings", default="", help="';'-separated labels of the merges to run (default: all)"
+    )
     parser.add_argument("--partitions", default="iid,by_class", help="comma-separated: iid, by_class")
     parser.add_argument(
         "--probes", default="pre_activation", help=f"comma-separated, of {', '.join(PROBE_PLACEMENTS)}"
