@@ -32,6 +32,14 @@ class DIMATCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+DESCRIPTION = (
+    "lightning-dimat: N agents trained with DIMAT through Lightning's CLI (fit, validate, test, predict "
+    "with a config that sets trainer.strategy to lightning_dimat.DIMATStrategy). "
+    "Also: `lightning-dimat experiment FILE [--jobs N] [--dry-run]` runs a grid of runs from shared "
+    "pre-trained agents and writes its tables and plots."
+)
+
+
 def build_cli(args: Any = None, run: bool = True, exit_on_error: bool = True) -> DIMATCLI:
     """The CLI over any LightningModule/LightningDataModule named by ``class_path``; returns it.
 
@@ -43,7 +51,7 @@ def build_cli(args: Any = None, run: bool = True, exit_on_error: bool = True) ->
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": exit_on_error},
+        parser_kwargs={"exit_on_error": exit_on_error, "description": DESCRIPTION},
         args=args,
         run=run,
     )

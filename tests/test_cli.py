@@ -94,3 +94,10 @@ def test_yaml_names_a_matcher_or_configures_its_options(method: str, expected: d
     cli = build_cli(args, run=False)
     (merge,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, MergeCallback)]
     assert dataclasses.asdict(merge.matcher) == expected
+
+
+def test_the_command_help_names_the_experiment_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    assert "lightning-dimat experiment FILE" in " ".join(capsys.readouterr().out.split())
