@@ -340,7 +340,11 @@ def test_valid_minimal_experiment_loads(tmp_path: Path) -> None:
             ValueError,
             "sets MergeCallback every_n_epochs=2.*Remove it",
         ),
-        ({"methods": {"dimat": {**DIMAT, "optimizer": "sgd"}}}, ValueError, r"unknown keys \['optimizer'\]"),
+        (
+            {"methods": {"dimat": {**DIMAT, "optimizer": "sgd"}}},
+            ValueError,
+            r"unknown keys 'optimizer'; known keys: \['label', 'callbacks', 'model'\]",
+        ),
         ({"iterations": 0}, ValueError, "iterations must be an integer >= 1"),
         ({"base": "missing.yaml"}, FileNotFoundError, "base config 'missing.yaml' not found"),
     ],
