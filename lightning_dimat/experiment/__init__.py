@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 
 from lightning_dimat.experiment.report import write_report
-from lightning_dimat.experiment.runner import History, cell_dir, check_experiment, run_experiment
+from lightning_dimat.experiment.runner import (
+    History,
+    cell_dir,
+    check_experiment,
+    finished_results,
+    run_experiment,
+)
 from lightning_dimat.experiment.spec import Cell, Experiment, Method, load_experiment
 
 __all__ = [
@@ -20,6 +26,7 @@ __all__ = [
     "History",
     "Method",
     "check_experiment",
+    "finished_results",
     "load_experiment",
     "main",
     "run_experiment",
@@ -40,8 +47,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="check the whole grid (names, types, data) and list its runs, without training",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the runs that have finished, without running anything",
+    )
     args = parser.parse_args(argv)
     experiment = load_experiment(args.file, args.overrides)
+    if args.report_only:
+        finished = finished_results(experiment)
+        if not finished:
+            raise SystemExit(f"{experiment.name}: no run has finished yet; nothing to report.")
+        paths = write_report(experiment, finished)
+        print(paths["markdown"].read_text())
+        print(f"{len(finished)} of {len(experiment.cells)} grid runs reported; the rest have not finished.")
+        return
     counts = check_experiment(experiment)  # everything checked before any work
     if args.dry_run:
         for cell in experiment.cells:

@@ -111,6 +111,15 @@ def run_experiment(experiment: Experiment, jobs: int = 1) -> list[dict[str, Any]
     return [_read(cell_dir(experiment, cell) / "result.json") for cell in experiment.cells]
 
 
+def finished_results(experiment: Experiment) -> list[dict[str, Any]]:
+    """The results of the cells that have finished (of a grid still running, or stopped), in grid order."""
+    return [
+        _read(cell_dir(experiment, cell) / "result.json")
+        for cell in experiment.cells
+        if is_finished(experiment, "cell", cell)
+    ]
+
+
 def _run_all(experiment: Experiment, tasks: list[tuple[str, Cell]], jobs: int) -> None:
     todo = [(kind, cell) for kind, cell in tasks if not is_finished(experiment, kind, cell)]
     for kind, cell in tasks:

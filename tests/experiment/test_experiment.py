@@ -213,11 +213,20 @@ def test_without_pretraining_and_with_two_epochs_per_merge_points_follow_the_mer
     assert result["pretrained"] == []
 
 
-def test_a_truncated_result_or_a_deleted_checkpoint_runs_again_instead_of_crashing(tmp_cwd: Path) -> None:
+def test_a_truncated_result_or_a_deleted_checkpoint_runs_again_instead_of_crashing(
+    tmp_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_dimat.experiment import main
+
     grid = {"methods": ["wa"], "topologies": ["ring"], "partitions": ["iid"], "seeds": [0], "num_agents": [3]}
-    experiment = load_experiment(write_experiment(tmp_cwd, grids=[grid]))
+    path = write_experiment(tmp_cwd, grids=[grid])
+    experiment = load_experiment(path)
     (cell,) = experiment.cells
+    with pytest.raises(SystemExit, match="no run has finished yet"):
+        main([str(path), "--report-only"])
     run_experiment(experiment)
+    main([str(path), "--report-only"])  # a report of what has finished, running nothing
+    assert "1 of 1 grid runs reported" in capsys.readouterr().out
     result = cell_dir(experiment, cell) / "result.json"
     result.write_text(result.read_text()[:50])  # a run killed while writing (before the atomic rename)
     with pytest.warns(UserWarning, match="result.json is truncated or corrupt"):
