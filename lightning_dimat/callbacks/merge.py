@@ -11,6 +11,7 @@ from typing import Any, Literal
 import networkx as nx
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -98,6 +99,8 @@ class MergeCallback(Callback):
         root: the agent whose basis becomes the shared one.
         on_nonfinite: ``"restore"`` a non-finite agent from its neighbours (and leave it out of theirs), or
             ``"raise"``.
+        final_merge: also merge after the last epoch of ``fit`` (``max_epochs``) when it is not a merge
+            epoch, so that the run ends on merged agents whatever ``every_n_epochs`` is.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -119,6 +122,7 @@ class MergeCallback(Callback):
         basis: Literal["own", "shared"] = "own",
         root: int = 0,
         on_nonfinite: Literal["restore", "raise"] = "restore",
+        final_merge: bool = False,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
@@ -127,6 +131,7 @@ class MergeCallback(Callback):
         self.basis = check_choice("basis", basis, ("own", "shared"))
         self.root = check_int("root", root, minimum=0)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        self.final_merge = check_bool("final_merge", final_merge)
         self.nonfinite_agents: list[int] = []
         """The local agents found non-finite (and restored) at the last merge."""
         self.basis_built = False
@@ -163,7 +168,8 @@ class MergeCallback(Callback):
         self.ledger.restrict(strategy.swarm.agent_ids)  # a checkpoint holds every process's agents
         last = trainer.max_epochs
         remaining = range(trainer.current_epoch, last) if last is not None and last >= 0 else None
-        if remaining is not None and not any(map(self.should_merge, remaining)):
+        self._check_early_stopping(trainer)
+        if remaining is not None and not any(map(self.should_merge, remaining)) and not self.final_merge:
             rank_zero_warn(
                 f"MergeCallback(every_n_epochs={self.every_n_epochs}, start_epoch={self.start_epoch}) never "
                 f"merges in this run (epochs {trainer.current_epoch}..{last - 1} of max_epochs={last}): the "
@@ -188,6 +194,19 @@ class MergeCallback(Callback):
                 forward_context=strategy.precision_plugin.forward_context,
             )
 
+    def _check_early_stopping(self, trainer: Trainer) -> None:
+        """Warns when an ``EarlyStopping`` would stop before seeing a merge: between merges the monitored
+        metric of local training can worsen for ``every_n_epochs`` epochs and recover at the merge."""
+        checks_between_merges = self.every_n_epochs / max(1, trainer.check_val_every_n_epoch or 1)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, EarlyStopping) and callback.patience < checks_between_merges:
+                rank_zero_warn(
+                    f"EarlyStopping(monitor={callback.monitor!r}, patience={callback.patience}) may stop "
+                    f"between merges: MergeCallback merges every {self.every_n_epochs} epochs, and "
+                    f"{checks_between_merges:g} validation checks pass from one merge to the next. Set "
+                    f"patience >= {checks_between_merges:g} (or merge more often)."
+                )
+
     def should_merge(self, epoch: int) -> bool:
         """Whether to merge after (0-based) ``epoch``."""
         return epoch >= self.start_epoch and (epoch + 1) % self.every_n_epochs == 0
@@ -197,7 +216,11 @@ class MergeCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Merges after the last batch of a merge epoch (before that epoch's validation)."""
-        if trainer.is_last_batch and self.should_merge(trainer.current_epoch):
+        if not trainer.is_last_batch:
+            return
+        epoch = trainer.current_epoch
+        last = self.final_merge and trainer.max_epochs is not None and epoch == trainer.max_epochs - 1
+        if self.should_merge(epoch) or last:
             self.merge(trainer, pl_module)
 
     def merge(self, trainer: Trainer, pl_module: LightningModule) -> None:

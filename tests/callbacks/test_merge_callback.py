@@ -160,3 +160,26 @@ def test_the_start_of_training_check_runs_what_the_merge_runs() -> None:
     with pytest.raises(ValueError, match=r"no probes .*`return logits, hidden`"):
         trainer.fit(_LogitsAndHidden(), datamodule=BlobsData())
     assert counter.epochs == 0 and trainer.global_step == 0
+
+
+def test_final_merge_ends_the_run_on_merged_agents() -> None:
+    # every_n_epochs=2 with 3 epochs: merges after epoch 1 only; final_merge adds one after epoch 2.
+    merge = MergeCallback(every_n_epochs=2, method="average", final_merge=True)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge], max_epochs=3)
+    trainer.fit(TinyNet(), datamodule=BlobsData())
+    assert merge.merged_epochs == [1, 2]
+    plain = MergeCallback(every_n_epochs=2, method="average")
+    make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[plain], max_epochs=3).fit(
+        TinyNet(), datamodule=BlobsData()
+    )
+    assert plain.merged_epochs == [1]
+
+
+def test_early_stopping_shorter_than_the_merge_period_is_warned_about() -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    merge = MergeCallback(every_n_epochs=2, method="average")
+    stop = EarlyStopping(monitor="val_acc", mode="max", patience=1)
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge, stop], max_epochs=2)
+    with pytest.warns(UserWarning, match=r"patience=1\) may stop between merges.*patience >= 2"):
+        trainer.fit(TinyNet(), datamodule=BlobsData())
