@@ -8,15 +8,41 @@ Examples:
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from typing import Any
 
 from lightning_dimat.cli import build_cli
 from lightning_dimat.experiment import main as experiment_main
 
+RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning_utilities.core.rank_zero",
+)
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's promotional "💡 Tip" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """Keeps the console to what matters: no promotional tips from Lightning, and no deprecation warning
+    that Lightning's own internals raise on every run (``LeafSpec`` in ``lightning/pytorch/utilities``)."""
+    for name in RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
 
 def main(args: Any = None) -> None:
     """Entry point of the ``lightning-dimat`` console script (``experiment`` runs an experiment grid)."""
+    quiet_console()
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
     if argv and argv[0] == "experiment":
         experiment_main(argv[1:])

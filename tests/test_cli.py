@@ -101,3 +101,15 @@ def test_the_command_help_names_the_experiment_subcommand(capsys: pytest.Capture
         main(["--help"])
     assert exited.value.code == 0
     assert "lightning-dimat experiment FILE" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_console_drops_lightnings_tips_and_keeps_real_messages(caplog: pytest.LogCaptureFixture) -> None:
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_dimat.console import quiet_console
+
+    quiet_console()
+    with caplog.at_level("INFO"):
+        rank_zero_info("💡 Tip: install something")
+        rank_zero_info("GPU available: False")
+    assert "GPU available: False" in caplog.text and "Tip" not in caplog.text

@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -270,7 +270,16 @@ class MergeCallback(Callback):
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
         self.last_bytes_sent = round.bytes_sent
-        self._log(pl_module, self._metrics(round, strategy, time.perf_counter() - started, moved))
+        metrics = self._metrics(round, strategy, time.perf_counter() - started, moved)
+        self._log(pl_module, metrics)
+        restored = int(metrics["merge/nonfinite_agents"])
+        rank_zero_info(
+            f"DIMAT merge {self.round} after epoch {trainer.current_epoch}: {metrics['merge/time_s']:.1f} s, "
+            f"consensus distance {metrics['merge/consensus_distance_before']:.3g} → "
+            f"{metrics['merge/consensus_distance_after']:.3g}, "
+            f"{metrics['merge/permuted_fraction']:.0%} of units permuted"
+            + (f", {restored} non-finite agent(s) restored" if restored else "")
+        )
 
     def _check_finite(self, states: Mapping[int, Mapping[str, Tensor]], trainer: Trainer) -> list[int]:
         strategy = self._dimat(trainer)

@@ -183,3 +183,16 @@ def test_early_stopping_shorter_than_the_merge_period_is_warned_about() -> None:
     trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge, stop], max_epochs=2)
     with pytest.warns(UserWarning, match=r"patience=1\) may stop between merges.*patience >= 2"):
         trainer.fit(TinyNet(), datamodule=BlobsData())
+
+
+def test_each_merge_prints_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    merge = MergeCallback(every_n_epochs=1, method="average")
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[merge], max_epochs=2)
+    with caplog.at_level("INFO"):
+        trainer.fit(TinyNet(), datamodule=BlobsData())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DIMAT merge")]
+    assert [line.split(":")[0] for line in lines] == [
+        "DIMAT merge 1 after epoch 0",
+        "DIMAT merge 2 after epoch 1",
+    ]
+    assert "0% of units permuted" in lines[0] and "consensus distance" in lines[0]
