@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import lightning_dimat  # noqa: F401  (registers the "dimat" strategy)
+
+
+class SaveConfigToLogDir(SaveConfigCallback):
+    """Lightning's config saving, but only into a logger's versioned folder: with ``logger: false`` the
+    run has no such folder and nothing is written (Lightning would write ``config.yaml`` into the current
+    directory, overwritten by every run)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class DIMATCLI(LightningCLI):
@@ -50,6 +61,7 @@ def build_cli(args: Any = None, run: bool = True, exit_on_error: bool = True) ->
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigToLogDir,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": exit_on_error, "description": DESCRIPTION},
         args=args,

@@ -33,6 +33,14 @@ def test_quickstart_yaml_run_writes_plot_and_test_table(
     test = json.loads((report / "accuracy_test.json").read_text())
     assert len(test["agents"]) == 5
     assert test["mean"] == pytest.approx(sum(test["agents"].values()) / 5)
+    # The config goes into the logger's versioned folder, never into the current directory.
+    assert (tmp_cwd / "outputs/quickstart/version_0/config.yaml").is_file()
+    assert not (tmp_cwd / "config.yaml").exists()
+
+
+def test_a_run_without_a_logger_writes_no_config_into_the_current_directory(tmp_cwd: Path) -> None:
+    main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *SHORT, "--trainer.logger=false"])
+    assert not (tmp_cwd / "config.yaml").exists()
 
 
 def test_wandb_offline_run_logs_agent_mean_and_merge_metrics(tmp_cwd: Path) -> None:
