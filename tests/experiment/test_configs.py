@@ -182,7 +182,13 @@ def test_experiment_cells_build(path: Path, tmp_cwd: Path, monkeypatch: pytest.M
         assert len(merges) == len(merge_args)
         for merge, init_args in zip(merges, merge_args, strict=True):
             assert merge.every_n_epochs == experiment.epochs_per_merge
-            assert merge.method == init_args.get("method", "activation")
+            expected = init_args.get("method", "activation")
+            if isinstance(expected, dict):  # a matcher with options, by class_path
+                assert type(merge.method).__name__ == expected["class_path"].rsplit(".", 1)[1]
+                for option, value in expected.get("init_args", {}).items():
+                    assert getattr(merge.method, option) == value, (cell, option)
+            else:
+                assert merge.method == expected
         _check_model_and_data(cli, experiment, method.model)
 
 
