@@ -47,7 +47,9 @@ DESCRIPTION = (
     "lightning-dimat: N agents trained with DIMAT through Lightning's CLI (fit, validate, test, predict "
     "with a config that sets trainer.strategy to lightning_dimat.DIMATStrategy). "
     "Also: `lightning-dimat experiment FILE [--jobs N] [--dry-run]` runs a grid of runs from shared "
-    "pre-trained agents and writes its tables and plots."
+    "pre-trained agents and writes its tables and plots; `lightning-dimat export CKPT --agent consensus|G "
+    "--output FILE` writes a plain checkpoint that your LightningModule's load_from_checkpoint reads; "
+    "`lightning-dimat data tiny-imagenet SOURCE --classes K` builds a Tiny ImageNet class subset."
 )
 
 

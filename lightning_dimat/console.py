@@ -1,9 +1,12 @@
 """The ``lightning-dimat`` console command: ``fit``/``validate``/``test``/``predict`` through Lightning's CLI,
-``experiment`` for grids of runs.
+``experiment`` for grids of runs, ``export`` for a plain checkpoint of one agent or the consensus, ``data`` to
+build a dataset subset.
 
 Examples:
     lightning-dimat fit --config configs/quickstart.yaml
     lightning-dimat experiment configs/cpu/grid.yaml --jobs 2
+    lightning-dimat export run.ckpt --agent 0 --output agent0.ckpt
+    lightning-dimat data tiny-imagenet tiny-imagenet-200.zip --classes 20
 """
 
 from __future__ import annotations
@@ -41,11 +44,22 @@ def quiet_console() -> None:
 
 
 def main(args: Any = None) -> None:
-    """Entry point of the ``lightning-dimat`` console script (``experiment`` runs an experiment grid)."""
+    """Entry point of the ``lightning-dimat`` console script (``experiment``, ``export`` and ``data`` are this
+    package's own subcommands; everything else goes to Lightning's CLI)."""
     quiet_console()
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
     if argv and argv[0] == "experiment":
         experiment_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        from lightning_dimat.strategy.plain_checkpoint import main as export_main
+
+        export_main(argv[1:])
+        return
+    if argv and argv[0] == "data":
+        from lightning_dimat.data.subset import main as data_main
+
+        data_main(argv[1:])
         return
     build_cli(args)
 
