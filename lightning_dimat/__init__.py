@@ -25,7 +25,7 @@ from lightning_dimat.merge import (
 from lightning_dimat.partition import PARTITIONS, partition, register_partition
 from lightning_dimat.permutation import PermutationSpec, permutation_spec
 from lightning_dimat.permutation.verify import check_spec
-from lightning_dimat.strategy import DIMATStrategy
+from lightning_dimat.strategy import DIMATStrategy, export_checkpoint
 from lightning_dimat.swarm import AgentSwarm
 from lightning_dimat.topology import GRAPHS, MIXING_RULES, Topology, build_topology, register_topology
 
@@ -52,6 +52,7 @@ __all__ = [
     "align",
     "build_topology",
     "check_spec",
+    "export_checkpoint",
     "merge",
     "partition",
     "permutation_spec",

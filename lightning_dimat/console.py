@@ -11,13 +11,19 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 from lightning_dimat.cli import build_cli
+from lightning_dimat.data.subset import main as data_main
 from lightning_dimat.experiment import main as experiment_main
+from lightning_dimat.strategy.plain_checkpoint import export_checkpoint
 
 RANK_ZERO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
@@ -52,16 +58,69 @@ def main(args: Any = None) -> None:
         experiment_main(argv[1:])
         return
     if argv and argv[0] == "export":
-        from lightning_dimat.strategy.plain_checkpoint import main as export_main
-
-        export_main(argv[1:])
+        export_command(argv[1:])
         return
     if argv and argv[0] == "data":
-        from lightning_dimat.data.subset import main as data_main
-
         data_main(argv[1:])
         return
     build_cli(args)
+
+
+def export_command(argv: Sequence[str]) -> None:
+    """``lightning-dimat export CKPT --agent consensus|G --output FILE [--config YAML ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-dimat export",
+        description="Writes a plain Lightning checkpoint of one agent, or of the consensus of all agents, "
+        "of a DIMAT checkpoint; your module's load_from_checkpoint reads it.",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by a DIMATStrategy run")
+    parser.add_argument("--agent", default="consensus", help="'consensus' (default) or an agent id")
+    parser.add_argument("--output", required=True, help="where to write the plain checkpoint")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="for --agent consensus: the run's fit config (repeatable, as for `lightning-dimat fit`)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    agent: int | Literal["consensus"]
+    if args.agent == "consensus":
+        agent = "consensus"
+    elif args.agent.isdigit():
+        agent = int(args.agent)
+    else:
+        parser.error(f"--agent {args.agent!r}: pass 'consensus' or an agent id (0, 1, ...).")
+    trainer = model = datamodule = None
+    if agent == "consensus":
+        if not args.config:
+            parser.error(
+                "--agent consensus needs --config <the run's config>: the consensus is computed with the "
+                "run's merge method and data. (--agent <id> needs no config.)"
+            )
+        trainer, model, datamodule = _from_config(args.config)
+    path = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        agent,
+        trainer=trainer,
+        model=model,
+        datamodule=datamodule,
+        overwrite=args.overwrite,
+    )
+    if trainer is None or trainer.is_global_zero:
+        print(f"Wrote {path} (agent: {agent}); load it with YourModule.load_from_checkpoint({str(path)!r}).")
+
+
+def _from_config(configs: Sequence[str]) -> tuple[Trainer, LightningModule, LightningDataModule | None]:
+    """The trainer, model and datamodule of a ``fit`` config, without a logger."""
+    args: list[str] = []  # (run=False: the parser has no subcommands)
+    for config in configs:
+        args += ["--config", config]
+    # (checkpoint callbacks are dropped by export_checkpoint)
+    args += ["--trainer.logger", "false", "--trainer.enable_model_summary", "false"]
+    cli = build_cli(args, run=False)
+    return cli.trainer, cli.model, cli.datamodule
 
 
 if __name__ == "__main__":
