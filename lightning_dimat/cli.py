@@ -8,12 +8,55 @@ In Python (what ``lightning-dimat fit --config configs/quickstart.yaml`` runs)::
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-import lightning_dimat  # noqa: F401  (registers the "dimat" strategy)
+import lightning_dimat  # registers the "dimat" strategy
+import lightning_dimat.data  # the shipped datamodules, offered as --data choices
+import lightning_dimat.models  # noqa: F401  (the shipped LightningModule, offered as a --model choice)
+from lightning_dimat.data.splits import SplitDataModule
+from lightning_dimat.swarm import AgentSwarm
+from lightning_dimat.swarm.checkpoints import AgentCheckpointHooks
+from lightning_dimat.swarm.transfer import AgentBatchTransferHooks
+
+# Never a class to name in a config, so left out of the known subclasses that ``--help`` lists: what
+# DIMATStrategy builds from your module (AgentSwarm, any subclass included, and its hook mixins) and the
+# shipped datamodules' base class.
+INTERNAL_CLASSES = (AgentSwarm, AgentCheckpointHooks, AgentBatchTransferHooks, SplitDataModule)
+KNOWN_SUBCLASSES = ", known subclasses: "
+
+
+def is_internal(class_path: str) -> bool:
+    """Whether ``class_path`` (as ``--help`` lists it) names one of :data:`INTERNAL_CLASSES` or an
+    ``AgentSwarm`` subclass.
+
+    Examples:
+        >>> is_internal("lightning_dimat.AgentSwarm"), is_internal("lightning_dimat.models.ImageClassifier")
+        (True, False)
+    """
+    module_path, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_path), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return cls in INTERNAL_CLASSES or (isinstance(cls, type) and issubclass(cls, AgentSwarm))
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the package's internal classes left out of the "known subclasses" lists
+    (jsonargparse lists every imported subclass of an argument's type, so the swarm shows up as a model)."""
+
+    def _get_help_string(self, action: Any) -> str:
+        text = super()._get_help_string(action)
+        head, marker, tail = text.rpartition(KNOWN_SUBCLASSES)
+        if not marker or not tail.endswith(")"):
+            return text
+        kept = [path for path in tail[:-1].split(", ") if not is_internal(path)]
+        return head + (marker + ", ".join(kept) if kept else "") + ")"
 
 
 class SaveConfigToLogDir(SaveConfigCallback):
@@ -28,7 +71,12 @@ class SaveConfigToLogDir(SaveConfigCallback):
 
 
 class DIMATCLI(LightningCLI):
-    """``LightningCLI`` plus ``--test_after_fit``: ``trainer.test`` on the trained agents after ``fit``."""
+    """``LightningCLI`` plus ``--test_after_fit``: ``trainer.test`` on the trained agents after ``fit``; its
+    help lists no internal classes (:class:`HelpFormatter`)."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

@@ -111,6 +111,27 @@ def test_the_command_help_names_the_experiment_subcommand(capsys: pytest.Capture
     assert "lightning-dimat experiment FILE" in " ".join(capsys.readouterr().out.split())
 
 
+def test_fit_help_offers_the_shipped_classes_and_no_internal_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_cli(["fit", "--help"], run=False)
+    assert exited.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # the help breaks long class paths over lines
+    for offered in [
+        "lightning_dimat.models.ImageClassifier",
+        "lightning_dimat.data.DigitsDataModule",
+        "torch.optim.Adam,",
+    ]:
+        assert offered in text
+    for internal in [
+        "AgentSwarm",
+        "SwarmOptimizer",
+        "AgentCheckpointHooks",
+        "AgentBatchTransferHooks",
+        "SplitDataModule",
+    ]:
+        assert internal not in text
+
+
 def test_the_console_drops_lightnings_tips_and_keeps_real_messages(caplog: pytest.LogCaptureFixture) -> None:
     from lightning.pytorch.utilities import rank_zero_info
 
