@@ -36,7 +36,7 @@ from lightning_dimat.merge.finite import (
 )
 from lightning_dimat.merge.inputs import first_input, num_samples
 from lightning_dimat.merge.matchers import Matcher, resolve_matcher
-from lightning_dimat.merge.state import StateDict, load_state_in_place
+from lightning_dimat.merge.state import StateDict, copy_holding
 from lightning_dimat.permutation.apply import permute_state
 from lightning_dimat.permutation.cache import spec_for
 from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
@@ -242,9 +242,8 @@ class MergeCallback(Callback):
             if not order:
                 raise no_finite_neighbour(handle.agent_id, self._where(trainer))
             # A non-finite agent is rebuilt from its finite neighbours, in the basis of the first of them.
-            reference = (
-                handle.module if order[0] == handle.agent_id else _holding(handle.module, states[order[0]])
-            )
+            module, first = handle.module, order[0]
+            reference = module if first == handle.agent_id else copy_holding(module, states[first])
             data = handle.batches if self.matcher.requires_data else None
             if data is not None and self.matcher.runs_neighbours:
                 self.ledger.record_forward(handle.agent_id, len(order) * num_samples(data))
@@ -318,8 +317,7 @@ class MergeCallback(Callback):
             parent = parents[handle.agent_id]
             if parent is None:
                 continue
-            reference = copy.deepcopy(handle.module)
-            load_state_in_place(reference, states[parent])
+            reference = copy_holding(handle.module, states[parent])
             with handle.activate():
                 (found,) = aligner.match(
                     reference,
@@ -408,13 +406,6 @@ class MergeCallback(Callback):
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
         self.basis_built = bool(state_dict.get("basis_built", False))
-
-
-def _holding(module: LightningModule, state: Mapping[str, Tensor]) -> LightningModule:
-    """A copy of ``module`` holding ``state`` (the matching reference for a restored agent)."""
-    copied = copy.deepcopy(module)
-    load_state_in_place(copied, state)
-    return copied
 
 
 def _without_identity_bias(matcher: Matcher) -> Matcher:

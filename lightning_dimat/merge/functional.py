@@ -20,7 +20,7 @@ from lightning_dimat.merge.batchnorm import recompute_batchnorm
 from lightning_dimat.merge.combine import merge_into_basis
 from lightning_dimat.merge.inputs import LimitedBatches
 from lightning_dimat.merge.matchers import Matcher, matcher_spec, resolve_matcher
-from lightning_dimat.merge.state import load_state_in_place
+from lightning_dimat.merge.state import copy_holding
 from lightning_dimat.permutation.apply import permute_state
 from lightning_dimat.permutation.spec import PermutationSpec
 
@@ -54,11 +54,10 @@ def align(
     matcher = _matcher_with_data(method, data)
     spec = matcher_spec(matcher, reference, data, spec)
     (found,) = matcher.match(reference, [other.state_dict()], data, spec=spec)
-    aligned = copy.deepcopy(other)
-    if found:
-        assert spec is not None  # (a matcher that permutes uses a spec)
-        load_state_in_place(aligned, permute_state(other.state_dict(), spec, found))
-    return aligned
+    if not found:
+        return copy.deepcopy(other)
+    assert spec is not None  # (a matcher that permutes uses a spec)
+    return copy_holding(other, permute_state(other.state_dict(), spec, found))
 
 
 def merge(
@@ -95,8 +94,7 @@ def merge(
         limited,
         spec=spec,
     )
-    merged = copy.deepcopy(reference)
-    load_state_in_place(merged, state)
+    merged = copy_holding(reference, state)
     if limited is not None:
         recompute_batchnorm(merged, limited)
     return merged

@@ -7,12 +7,15 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 StateDict = dict[str, Tensor]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def weighted_state(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> StateDict:
@@ -70,6 +73,20 @@ def load_state_in_place(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     with torch.no_grad():
         for key, tensor in own.items():
             tensor.data.copy_(state[key])
+
+
+def copy_holding(module: ModuleT, state: Mapping[str, Tensor]) -> ModuleT:
+    """A deep copy of ``module`` holding ``state`` (on ``module``'s devices and dtypes).
+
+    Examples:
+        >>> net = nn.Linear(2, 2)
+        >>> held = copy_holding(net, {"weight": torch.zeros(2, 2), "bias": torch.ones(2)})
+        >>> bool(held.bias.eq(1).all()) and held is not net and not bool(net.bias.eq(1).all())
+        True
+    """
+    copied = copy.deepcopy(module)
+    load_state_in_place(copied, state)
+    return copied
 
 
 def detached_state(state: Mapping[str, Tensor]) -> StateDict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from lightning_dimat.merge.finite import (
     nonfinite_message,
 )
 from lightning_dimat.merge.matchers import Matcher
-from lightning_dimat.merge.state import StateDict, load_state_in_place
+from lightning_dimat.merge.state import StateDict, copy_holding
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy.processes import to_cpu
 from lightning_dimat.strategy.rounds import MergeRound
@@ -89,8 +88,7 @@ def merged_consensus(
     device = next(iter(reference.state_dict().values())).device
     first = reference_handle.agent_id if reference_handle.agent_id in finite else finite[0]
     if first != reference_handle.agent_id:
-        reference = copy.deepcopy(reference)
-        load_state_in_place(reference, {key: value.to(device) for key, value in states[first].items()})
+        reference = copy_holding(reference, {key: value.to(device) for key, value in states[first].items()})
     others = [agent_id for agent_id in finite if agent_id != first]
     weights = [1.0 / len(finite)] * len(finite)
     merged, _ = merge_into_basis(
@@ -103,8 +101,7 @@ def merged_consensus(
         spec=spec,
         forward_context=round.forward_context,
     )
-    consensus = copy.deepcopy(reference)
-    load_state_in_place(consensus, merged)
+    consensus = copy_holding(reference, merged)
     if batches:
         recompute_batchnorm(consensus, batches, forward_context=round.forward_context)
     return consensus.state_dict()
