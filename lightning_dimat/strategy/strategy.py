@@ -508,6 +508,8 @@ class DIMATStrategy(DDPStrategy):
             and self.export != "none"
         ):
             export_to(self, self.user_module)
+            if self.export == "consensus":  # validate/test after fit report it as consensus/<name>
+                self.swarm.hold_consensus(self.user_module.state_dict())
         super().teardown()
 
     @classmethod

@@ -29,6 +29,9 @@ from lightning_dimat.comm.gather import AllGatherObject, gather_fields_by_agent
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
+CONSENSUS_PREFIX = "consensus"
+"""Metrics of the consensus evaluated after ``fit`` are logged as ``consensus/<name>``."""
+
 _MEAN, _SUM, _MAX, _MIN = ("mean", torch.mean), ("sum", torch.sum), ("max", torch.max), ("min", torch.min)
 
 
@@ -40,6 +43,14 @@ def agent_key(agent_id: int, name: str) -> str:
         'agent_3/val_acc'
     """
     return f"agent_{agent_id}/{name}"
+
+
+def with_dataloader_suffix(name: str, options: dict[str, Any], trainer: Trainer | None) -> str:
+    """``name`` with Lightning's ``/dataloader_idx_<k>`` suffix when an evaluation loader index is set."""
+    index = getattr(trainer._results if trainer is not None else None, "dataloader_idx", None)
+    if options.get("add_dataloader_idx", True) and index is not None:
+        return f"{name}/dataloader_idx_{index}"
+    return name
 
 
 @dataclass
@@ -145,12 +156,7 @@ class AgentLogRouter:
                 entry.values.setdefault(agent_id, []).append((tensor, options.get("batch_size")))
 
     def _with_dataloader_suffix(self, name: str, options: dict[str, Any]) -> str:
-        """``name`` with Lightning's ``/dataloader_idx_<k>`` suffix when an evaluation loader index is set."""
-        trainer = self._trainer()
-        index = getattr(trainer._results if trainer is not None else None, "dataloader_idx", None)
-        if options.get("add_dataloader_idx", True) and index is not None:
-            return f"{name}/dataloader_idx_{index}"
-        return name
+        return with_dataloader_suffix(name, options, self._trainer())
 
     def _stage(self) -> str:
         """The running stage (``"train"``, ``"validate"``, ...), or ``"none"`` outside a trainer loop."""
@@ -206,6 +212,65 @@ class AgentLogRouter:
         device = self._device()
         mean = torch.stack([value.detach().to(device=device, dtype=torch.float32) for value in values]).mean()
         self._log(name, mean, batch_size=1, add_dataloader_idx=False, **options)
+
+
+class ConsensusLog:
+    """Stands in for the ``log`` of the consensus a swarm holds after ``fit``: collects its values over an
+    evaluation epoch and logs each as ``consensus/<name>`` at the epoch's end (reduced as Lightning reduces
+    it: batch-size weighted mean, sum, max, min, a callable, or a ``torchmetrics.Metric``'s ``compute()``).
+
+    Examples:
+        >>> logged = {}
+        >>> consensus_log = ConsensusLog(
+        ...     log=lambda name, value, **options: logged.update({name: float(value)}), trainer=lambda: None
+        ... )
+        >>> with consensus_log.batch(2):
+        ...     consensus_log.log("test_acc", 1.0)
+        >>> with consensus_log.batch(6):
+        ...     consensus_log.log("test_acc", 0.5)
+        >>> consensus_log.flush_epoch()
+        >>> logged
+        {'consensus/test_acc': 0.625}
+    """
+
+    def __init__(self, *, log: Callable[..., None], trainer: Callable[[], Trainer | None]) -> None:
+        self._log = log
+        self._trainer = trainer
+        self._batch_size: int | None = None
+        self._values: dict[str, _EpochValues] = {}
+
+    @contextmanager
+    def batch(self, batch_size: int | None) -> Iterator[None]:
+        """``log`` calls in the block default to ``batch_size``."""
+        previous, self._batch_size = self._batch_size, batch_size
+        try:
+            yield
+        finally:
+            self._batch_size = previous
+
+    def log(self, name: str, value: Any, **options: Any) -> None:
+        """Records ``value`` for this epoch's ``consensus/<name>``."""
+        name = with_dataloader_suffix(name, options, self._trainer())
+        entry = self._values.setdefault(name, _EpochValues({"reduce_fx": options.get("reduce_fx", "mean")}))
+        if isinstance(value, Metric):
+            entry.metrics[0] = value
+        else:
+            batch_size = options.get("batch_size") or self._batch_size
+            entry.values.setdefault(0, []).append((torch.as_tensor(value).detach(), batch_size))
+
+    def flush_epoch(self) -> None:
+        """Logs every recorded value's epoch value as ``consensus/<name>`` (and resets its Metrics)."""
+        pending, self._values = self._values, {}
+        for name, entry in pending.items():
+            if entry.metrics:
+                value = torch.as_tensor(entry.metrics[0].compute()).detach()
+                entry.metrics[0].reset()
+            else:
+                value = _reduce(entry.values[0], entry.options["reduce_fx"])
+            self._log(
+                f"{CONSENSUS_PREFIX}/{name}", value.float(), on_step=False, on_epoch=True, batch_size=1,
+                add_dataloader_idx=False, sync_dist=False, prog_bar=False,
+            )  # fmt: skip
 
 
 def _reduce(values: list[tuple[torch.Tensor, int | None]], reduce_fx: Any) -> torch.Tensor:

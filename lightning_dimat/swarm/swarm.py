@@ -29,9 +29,10 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_dimat.merge.state import copy_holding
 from lightning_dimat.swarm.checkpoints import AgentCheckpointHooks
 from lightning_dimat.swarm.loaders import AgentBatch
-from lightning_dimat.swarm.log_routing import AgentLogRouter
+from lightning_dimat.swarm.log_routing import AgentLogRouter, ConsensusLog
 from lightning_dimat.swarm.optimizer import SwarmOptimizer
 from lightning_dimat.swarm.random_streams import LIBRARIES, AgentRandomStreams, untracked_fingerprint
 from lightning_dimat.swarm.transfer import AgentBatchTransferHooks
@@ -82,6 +83,8 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
             all_gather_object=self._all_gather_object,
             agent_ids=self.agent_ids,
         )
+        self.consensus_log = ConsensusLog(log=self.log, trainer=functools.partial(getattr, self, "_trainer"))
+        object.__setattr__(self, "_held_consensus", None)  # (not a submodule: never in the checkpoint)
         self._agent_losses: dict[int, Tensor] = {}
         self._agent_outputs: dict[int, Any] = {}
         self.pending_initialisation: Callable[[], None] | None = None
@@ -307,14 +310,47 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
                 f"DIMATStrategy(random_streams={(*self.streams.libraries, *untracked)!r})."
             )
 
+    # ------------------------------------------------------------- consensus
+    def hold_consensus(self, state: Mapping[str, Tensor]) -> None:
+        """Keeps a copy of the first local agent holding ``state`` (the consensus exported after ``fit``):
+        ``validate`` and ``test`` then evaluate it next to the agents and log ``consensus/<name>``. A new
+        ``fit`` drops it."""
+        held = copy_holding(self.agent(self.agent_ids[0]), state).eval()
+        held.log = self.consensus_log.log  # type: ignore[method-assign]
+        object.__setattr__(self, "_held_consensus", held)
+
+    @property
+    def held_consensus(self) -> LightningModule | None:
+        """The consensus evaluated by ``validate`` and ``test`` after ``fit`` (``None`` before)."""
+        return self.__dict__["_held_consensus"]
+
+    def _prepare_consensus(self) -> None:
+        """Puts the held consensus on the swarm's device, in eval mode, with the trainer."""
+        if self.held_consensus is not None:
+            self.held_consensus.to(self.device).eval()
+            self.held_consensus.trainer = self._trainer
+
+    def _consensus_epoch_end(self, hook: str) -> None:
+        """The held consensus's own ``hook`` (an ``on_*_epoch_end``), then its ``consensus/*`` values."""
+        held = self.held_consensus
+        if held is None:
+            return
+        if is_overridden(hook, held, LightningModule):
+            getattr(held, hook)()
+        self.consensus_log.flush_epoch()
+
     # ------------------------------------------------------------ evaluation
     def _evaluation_step(self, hook: str, batch: Any, *args: Any, **kwargs: Any) -> dict[int, Any]:
-        """Every agent's ``hook`` (a step method) on the shared ``batch``, ``{agent id: output}``."""
+        """Every agent's ``hook`` (a step method) on the shared ``batch``, ``{agent id: output}`` (and the
+        held consensus's, logged as ``consensus/<name>``, in validation and test)."""
         outputs, batch_size = {}, _batch_size(batch)
         for agent_id, agent in self.items():
             with self.streams.activate(agent_id), self.router.speaking_for(agent_id, batch_size):
                 outputs[agent_id] = getattr(agent, hook)(batch, *args, **kwargs)
         self.router.flush()
+        if self.held_consensus is not None and hook != "predict_step":
+            with self.consensus_log.batch(batch_size):
+                getattr(self.held_consensus, hook)(batch, *args, **kwargs)
         return outputs
 
     @override
@@ -363,7 +399,8 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
 
     @override
     def on_fit_start(self) -> None:
-        """Runs ``on_fit_start`` on every local agent."""
+        """Runs ``on_fit_start`` on every local agent (and drops the consensus of an earlier ``fit``)."""
+        object.__setattr__(self, "_held_consensus", None)
         self._fan_out("on_fit_start")
 
     @override
@@ -384,6 +421,7 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
     @override
     def on_validation_start(self) -> None:
         """Runs ``on_validation_start`` on every local agent."""
+        self._prepare_consensus()
         self._fan_out("on_validation_start")
 
     @override
@@ -394,6 +432,7 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
     @override
     def on_test_start(self) -> None:
         """Runs ``on_test_start`` on every local agent."""
+        self._prepare_consensus()
         self._fan_out("on_test_start")
 
     @override
@@ -436,6 +475,7 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
         """Runs ``on_validation_epoch_end`` on every local agent, then logs the epoch means."""
         self._fan_out("on_validation_epoch_end")
         self.router.flush_epoch()
+        self._consensus_epoch_end("on_validation_epoch_end")
 
     @override
     def on_test_epoch_start(self) -> None:
@@ -447,6 +487,7 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
         """Runs ``on_test_epoch_end`` on every local agent, then logs the epoch means."""
         self._fan_out("on_test_epoch_end")
         self.router.flush_epoch()
+        self._consensus_epoch_end("on_test_epoch_end")
 
     @override
     def on_predict_epoch_start(self) -> None:
