@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The PyTorch build to install; the default is the one this project's machines carry on disk.
+# The PyTorch build to install; the default is the one this project's machines carry on disk. On a machine
+# without a GPU, take the CPU-only wheels (about 0.2 GB instead of several GB of CUDA libraries):
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu TORCH_PACKAGES="torch torchvision"
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup demo test lint format docs bench clean
@@ -15,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PACKAGES)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PACKAGES)
 	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
 	touch $(STAMP)
 
@@ -23,7 +26,6 @@ demo: $(STAMP)
 	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml
 	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml --config configs/local_only.yaml
 	$(BIN)/python examples/compare_runs.py outputs/quickstart outputs/quickstart_local
-	@echo "Plot of accuracy per agent: outputs/quickstart/accuracy.png"
 
 test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest

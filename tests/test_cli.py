@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -24,8 +26,8 @@ def test_quickstart_yaml_run_writes_plot_and_test_table(
 ) -> None:
     main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *SHORT])
     output = capsys.readouterr().out
-    assert "Per-agent test_acc" in output and "mean |" in output
-    report = tmp_cwd / "outputs/quickstart"
+    assert "Per-agent test_acc" in output and "mean |" in output and "consensus |" in output
+    report = tmp_cwd / "outputs/quickstart/version_0"  # every run writes into its own folder
     assert (report / "accuracy.png").stat().st_size > 0
     history = json.loads((report / "accuracy.json").read_text())
     assert [entry["epoch"] for entry in history["history"]] == [0, 1]
@@ -33,6 +35,7 @@ def test_quickstart_yaml_run_writes_plot_and_test_table(
     test = json.loads((report / "accuracy_test.json").read_text())
     assert len(test["agents"]) == 5
     assert test["mean"] == pytest.approx(sum(test["agents"].values()) / 5)
+    assert 0 <= test["consensus"] <= 1
     # The config goes into the logger's versioned folder, never into the current directory.
     assert (tmp_cwd / "outputs/quickstart/version_0/config.yaml").is_file()
     assert not (tmp_cwd / "config.yaml").exists()
@@ -41,6 +44,43 @@ def test_quickstart_yaml_run_writes_plot_and_test_table(
 def test_a_run_without_a_logger_writes_no_config_into_the_current_directory(tmp_cwd: Path) -> None:
     main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *SHORT, "--trainer.logger=false"])
     assert not (tmp_cwd / "config.yaml").exists()
+
+
+def _offline_run(directory: Path) -> tuple[dict[str, Any], list[str]]:
+    """The final summary and the record kinds of the one offline W&B run under ``directory``.
+
+    wandb-core writes no ``files/wandb-summary.json`` for an offline run (``wandb sync`` makes it from the
+    run's ``.wandb`` file on upload), so this reads that file: a LevelDB-style log of ``Record`` protobufs
+    (a 7-byte header, then 32 KiB blocks of chunks with a 7-byte header each: checksum, length, kind).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = directory.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending, payloads = 7, b"", []
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:
+            break
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            payloads.append(pending)
+            pending = b""
+    summary: dict[str, Any] = {}
+    kinds = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kinds.append(record.WhichOneof("record_type"))
+        for item in record.summary.update:
+            summary["/".join(item.nested_key) or item.key] = json.loads(item.value_json)
+    return summary, kinds
 
 
 def test_wandb_offline_run_logs_agent_mean_and_merge_metrics(tmp_cwd: Path) -> None:
@@ -52,16 +92,46 @@ def test_wandb_offline_run_logs_agent_mean_and_merge_metrics(tmp_cwd: Path) -> N
         "--config",
         str(ROOT / "configs/quickstart_wandb.yaml"),
     ]
-    cli = build_cli(["fit", *configs, "--test_after_fit=false", *SHORT])
     try:
-        run = cli.trainer.logger.experiment
-        assert run.settings.mode == "offline" or run.offline
-        logged = set(dict(run.summary))
+        cli = build_cli(["fit", *configs, "--test_after_fit=false", *SHORT])
+        assert cli.trainer.logger.experiment.settings.mode in ("offline", "dryrun")
+    finally:
+        wandb.finish()  # (a no-op once the CLI finished the run)
+    summary, _ = _offline_run(tmp_cwd / "outputs")
+    assert {"val_acc", "agent_0/val_acc", "agent_4/val_acc", "merge/round", "merge/bytes"} <= set(summary)
+
+
+def test_the_cli_finishes_its_wandb_run_with_final_agent_and_test_metrics(tmp_cwd: Path) -> None:
+    import wandb
+
+    args = [
+        "fit",
+        "--model=helpers.TinyNet",
+        "--data=helpers.BlobsData",
+        "--trainer.strategy=lightning_dimat.DIMATStrategy",
+        "--trainer.strategy.num_agents=2",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+        f"--trainer.logger.save_dir={tmp_cwd}",
+        "--trainer.logger.offline=true",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--test_after_fit=true",
+    ]
+    try:
+        cli = build_cli(args)
+        # Finished in-process: a later WandbLogger in this process starts a run of its own.
+        assert wandb.run is None
     finally:
         wandb.finish()
-    assert {"val_acc", "agent_0/val_acc", "agent_4/val_acc", "merge/round", "merge/bytes"} <= logged
-    (run_dir,) = (tmp_cwd / "outputs/wandb").glob("offline-run-*")
-    assert list(run_dir.glob("*.wandb"))
+    summary, kinds = _offline_run(tmp_cwd)
+    assert kinds[-1] == "exit"
+    assert {"val_acc", "agent_0/val_acc", "agent_1/val_acc", "epoch"} <= set(summary)
+    tested = cli.trainer.callback_metrics  # (the test's metrics: trainer.test reset the fit's)
+    for key in ("test_acc", "agent_0/test_acc", "agent_1/test_acc"):
+        assert summary[key] == pytest.approx(float(tested[key])), key
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(path.relative_to(ROOT)) for path in CONFIGS])

@@ -1,4 +1,4 @@
-"""``AgentReport``: per-agent accuracy curves (PNG + JSON) and a per-agent test table."""
+"""``AgentReport``: per-agent accuracy curves (PNG + JSON) and a per-agent test table, with the consensus."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_dimat.callbacks.merge import MergeCallback
+from lightning_dimat.swarm.log_routing import CONSENSUS_PREFIX
 
 _AGENT_KEY = re.compile(r"^agent_(\d+)/(.+)$")
 
@@ -26,42 +27,75 @@ def agent_values(metrics: dict[str, Any], name: str) -> dict[int, float]:
     return dict(sorted(values.items()))
 
 
-def format_table(values: dict[int, float], name: str) -> str:
-    """A small text table: one row per agent and the mean."""
-    width = max(len(name), 8)
-    lines = [f"{'agent':>6} | {name:>{width}}", f"{'-' * 6}-+-{'-' * width}"]
-    lines += [f"{agent_id:>6} | {value:>{width}.4f}" for agent_id, value in values.items()]
+def format_table(values: dict[int, float], name: str, consensus: float | None = None) -> str:
+    """A small text table: one row per agent, the mean, and the consensus when given.
+
+    Examples:
+        >>> print(format_table({0: 0.5, 1: 0.7}, "test_acc", consensus=0.75))
+            agent | test_acc
+        ----------+---------
+                0 |   0.5000
+                1 |   0.7000
+        ----------+---------
+             mean |   0.6000
+        consensus |   0.7500
+    """
+    width, label = max(len(name), 8), 9
+    rule = f"{'-' * label}-+-{'-' * width}"
+    lines = [f"{'agent':>{label}} | {name:>{width}}", rule]
+    lines += [f"{agent_id:>{label}} | {value:>{width}.4f}" for agent_id, value in values.items()]
     mean = sum(values.values()) / len(values)
-    lines += [f"{'-' * 6}-+-{'-' * width}", f"{'mean':>6} | {mean:>{width}.4f}"]
+    lines += [rule, f"{'mean':>{label}} | {mean:>{width}.4f}"]
+    if consensus is not None:
+        lines.append(f"{'consensus':>{label}} | {consensus:>{width}.4f}")
     return "\n".join(lines)
 
 
 class AgentReport(Callback):
     """Records each agent's validation metric per epoch; after fit writes a plot, after test prints a table.
 
+    The table ends with the agents' mean and, after ``fit`` with ``export="consensus"``, the accuracy of the
+    consensus your module holds (``consensus/<test_metric>``).
+
     Args:
         monitor: the per-epoch metric to plot (logged by the module as ``monitor``).
         test_metric: the test metric to tabulate.
-        output_dir: where ``<name>.png`` and ``<name>.json`` are written.
+        output_dir: where ``<name>.png``, ``<name>.json`` and ``<name>_test.json`` are written; by default
+            the logger's versioned folder (``trainer.log_dir``, e.g. ``outputs/quickstart/version_3``), so
+            runs never overwrite each other. Without a logger and without ``output_dir`` nothing is written
+            (the table is still printed).
         name: file stem of the outputs.
 
     Examples:
-        >>> report = AgentReport(monitor="val_acc", test_metric="test_acc", output_dir="outputs")
+        >>> report = AgentReport(monitor="val_acc", test_metric="test_acc")
     """
 
     def __init__(
         self,
         monitor: str = "val_acc",
         test_metric: str = "test_acc",
-        output_dir: str = "outputs",
+        output_dir: str | None = None,
         name: str = "accuracy",
     ) -> None:
         self.monitor = monitor
         self.test_metric = test_metric
-        self.output_dir = Path(output_dir)
+        self.output_dir = None if output_dir is None else Path(output_dir)
         self.name = name
         self.history: list[dict[str, Any]] = []
         self.test_results: dict[int, float] = {}
+        self.consensus_result: float | None = None
+        self.directory: Path | None = self.output_dir
+        """Where this run's files go (resolved at ``setup``: ``output_dir`` or the logger's folder)."""
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolves this run's folder: ``output_dir``, else the logger's versioned folder, else none."""
+        if self.output_dir is not None:
+            self.directory = self.output_dir
+        elif trainer.loggers and trainer.log_dir is not None:
+            self.directory = Path(trainer.log_dir)
+        else:
+            self.directory = None
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -75,26 +109,37 @@ class AgentReport(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Writes the per-agent curves (JSON and PNG)."""
-        if self.history:
-            self.write(self._merge_epochs(trainer))
+        if self.history and self.directory is not None:
+            path = self.write(self._merge_epochs(trainer))
+            rank_zero_info(f"AgentReport: {self.monitor} per agent plotted in {path}")
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Prints and writes the per-agent test table."""
+        """Prints and writes the per-agent test table (with the consensus when it was evaluated)."""
         self.test_results = agent_values(trainer.callback_metrics, self.test_metric)
+        consensus = trainer.callback_metrics.get(f"{CONSENSUS_PREFIX}/{self.test_metric}")
+        self.consensus_result = None if consensus is None else float(consensus)
         if self.test_results:
-            self._print(self.test_results)
-            self._write_test(self.test_results)
+            self._print(self.test_results, self.consensus_result)
+            if self.directory is not None:
+                self._write_test(self.test_results, self.consensus_result)
 
     @rank_zero_only
-    def _write_test(self, values: dict[int, float]) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"metric": self.test_metric, "agents": values, "mean": sum(values.values()) / len(values)}
-        (self.output_dir / f"{self.name}_test.json").write_text(json.dumps(record, indent=2))
+    def _write_test(self, values: dict[int, float], consensus: float | None) -> None:
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {
+            "metric": self.test_metric,
+            "agents": values,
+            "mean": sum(values.values()) / len(values),
+            "consensus": consensus,
+        }
+        (self.directory / f"{self.name}_test.json").write_text(json.dumps(record, indent=2))
 
     @rank_zero_only
-    def _print(self, values: dict[int, float]) -> None:
-        print(f"\nPer-agent {self.test_metric}:\n{format_table(values, self.test_metric)}\n", flush=True)
+    def _print(self, values: dict[int, float], consensus: float | None) -> None:
+        table = format_table(values, self.test_metric, consensus)
+        print(f"\nPer-agent {self.test_metric}:\n{table}\n", flush=True)
 
     @staticmethod
     def _merge_epochs(trainer: Trainer) -> list[int]:
@@ -111,9 +156,10 @@ class AgentReport(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
         record = {"monitor": self.monitor, "merge_epochs": merge_epochs, "history": self.history}
-        (self.output_dir / f"{self.name}.json").write_text(json.dumps(record, indent=2))
+        (self.directory / f"{self.name}.json").write_text(json.dumps(record, indent=2))
         epochs = [entry["epoch"] + 1 for entry in self.history]
         agent_ids = sorted({agent_id for entry in self.history for agent_id in entry["agents"]})
         figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -132,7 +178,7 @@ class AgentReport(Callback):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8, ncol=2)
         figure.tight_layout()
-        path = self.output_dir / f"{self.name}.png"
+        path = self.directory / f"{self.name}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         return path
