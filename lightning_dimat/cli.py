@@ -14,6 +14,7 @@ from typing import Any
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 import lightning_dimat  # registers the "dimat" strategy
 import lightning_dimat.data  # the shipped datamodules, offered as --data choices
@@ -70,9 +71,24 @@ class SaveConfigToLogDir(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+def finish_wandb_runs(trainer: Trainer) -> None:
+    """Finishes the W&B run of each of ``trainer``'s ``WandbLogger``s that started one.
+
+    Lightning's ``WandbLogger`` never finishes its run: wandb does at interpreter exit, so in a process that
+    goes on (a notebook, ``build_cli`` called from Python) the run stays open and the next ``WandbLogger``
+    attaches to it. Finishing writes the run's final summary and exit record (offline: into the run's
+    ``.wandb`` file, from which ``wandb sync`` makes ``files/wandb-summary.json``).
+    """
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None)  # (``logger.experiment`` would start a run)
+        if isinstance(logger, WandbLogger) and run is not None:
+            run.finish()
+
+
 class DIMATCLI(LightningCLI):
     """``LightningCLI`` plus ``--test_after_fit``: ``trainer.test`` on the trained agents after ``fit``; its
-    help lists no internal classes (:class:`HelpFormatter`)."""
+    help lists no internal classes (:class:`HelpFormatter`), and a subcommand that ran finishes its W&B run
+    (:func:`finish_wandb_runs`; after ``--test_after_fit``'s test, so the run holds the test metrics too)."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -89,6 +105,16 @@ class DIMATCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+        finish_wandb_runs(self.trainer)
+
+    def after_validate(self) -> None:
+        finish_wandb_runs(self.trainer)
+
+    def after_test(self) -> None:
+        finish_wandb_runs(self.trainer)
+
+    def after_predict(self) -> None:
+        finish_wandb_runs(self.trainer)
 
 
 DESCRIPTION = (

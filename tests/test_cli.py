@@ -97,6 +97,7 @@ def test_wandb_offline_run_logs_agent_mean_and_merge_metrics(tmp_cwd: Path) -> N
         assert cli.trainer.logger.experiment.settings.mode in ("offline", "dryrun")
     finally:
         wandb.finish()  # (a no-op once the CLI finished the run)
+        wandb.teardown()  # waits until wandb-core has written the run's file
     summary, _ = _offline_run(tmp_cwd / "outputs")
     assert {"val_acc", "agent_0/val_acc", "agent_4/val_acc", "merge/round", "merge/bytes"} <= set(summary)
 
@@ -126,6 +127,7 @@ def test_the_cli_finishes_its_wandb_run_with_final_agent_and_test_metrics(tmp_cw
         assert wandb.run is None
     finally:
         wandb.finish()
+        wandb.teardown()  # waits until wandb-core has written the run's file
     summary, kinds = _offline_run(tmp_cwd)
     assert kinds[-1] == "exit"
     assert {"val_acc", "agent_0/val_acc", "agent_1/val_acc", "epoch"} <= set(summary)
