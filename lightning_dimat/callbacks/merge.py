@@ -71,9 +71,11 @@ class MergeCallback(Callback):
     state reset), with a warning naming the agent, epoch and step — or, with ``on_nonfinite="raise"``, the
     merge raises :class:`~lightning_dimat.merge.NonFiniteAgentError`. Logged as ``merge/nonfinite_agents``.
 
-    Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the neighbour states each
-    agent receives, summed over local agents), ``merge/bytes_sent`` (bytes that crossed process boundaries),
-    ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
+    Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the bytes of the neighbour
+    states all agents received in this merge, every agent counted as its own machine: what the algorithm
+    sends over the graph, whatever the process layout; the merge's share of ``comm/bytes_sent``),
+    ``merge/bytes_between_processes`` (what this run actually moved between its processes in this merge: 0
+    in one process), ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
     ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters),
     ``merge/permuted_fraction`` (units moved by the round's permutations, mean over channel groups, neighbours
     and agents), and the
@@ -144,7 +146,7 @@ class MergeCallback(Callback):
         self.ledger = CommunicationLedger()
         self.round = 0
         self.merged_epochs: list[int] = []
-        self.last_bytes_sent = 0
+        self.last_bytes_between_processes = 0
         self._strategy: DIMATStrategy | None = None
         self._spec: PermutationSpec | None = spec
 
@@ -268,7 +270,7 @@ class MergeCallback(Callback):
         self.nonfinite_agents = [g for g in bad if g in round.handles]
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
-        self.last_bytes_sent = round.bytes_sent
+        self.last_bytes_between_processes = round.bytes_sent
         metrics = self._metrics(round, strategy, time.perf_counter() - started, moved)
         self._log(pl_module, metrics)
         restored = int(metrics["merge/nonfinite_agents"])
@@ -349,7 +351,7 @@ class MergeCallback(Callback):
         before, after, count = consensus_distances(round.snapshot, round.local_states(), names, strategy)
         local = {
             "bytes": float(sum(round.bytes_received.values())),
-            "bytes_sent": float(round.bytes_sent),
+            "bytes_between_processes": float(round.bytes_sent),
             "before": before,
             "after": after,
             "count": count,
@@ -362,7 +364,7 @@ class MergeCallback(Callback):
             "merge/round": float(self.round),
             "merge/time_s": seconds,
             "merge/bytes": summed["bytes"],
-            "merge/bytes_sent": summed["bytes_sent"],
+            "merge/bytes_between_processes": summed["bytes_between_processes"],
             "merge/spectral_gap": round.topology.spectral_gap,
             "merge/consensus_distance_before": summed["before"] / summed["count"],
             "merge/consensus_distance_after": summed["after"] / summed["count"],

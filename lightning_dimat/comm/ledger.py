@@ -3,7 +3,8 @@
 Every agent is its own machine in the model this ledger counts: one *round* is one model exchange with
 each neighbour (agent j sends its state to every agent i with π_ij > 0, i ≠ j), and its bytes are the state's
 size times the number of receivers — whether or not those agents share a process here (for merges, the bytes
-that actually cross a process boundary are logged separately as ``merge/bytes_sent``). DIMAT's activation
+that actually cross a process boundary in this run are logged separately, as
+``merge/bytes_between_processes``). DIMAT's activation
 matching also costs forward passes: ``forward_samples`` counts the samples each agent runs through its own
 and its neighbours' models per merge (plus BatchNorm re-estimation).
 

@@ -37,6 +37,11 @@ def test_merge_metrics_are_logged() -> None:
     assert float(metrics["merge/round"]) == 2.0
     state_size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert float(metrics["merge/bytes"]) == 4 * 2 * state_size  # 4 agents, 2 ring neighbours each
+    # One name per quantity: what the algorithm sends over the graph (every agent its own machine), per merge
+    # and cumulated over the 2 merges, and what crossed a process boundary (nothing, in one process).
+    assert float(metrics["comm/bytes_sent"]) == 2 * float(metrics["merge/bytes"])
+    assert float(metrics["merge/bytes_between_processes"]) == 0
+    assert "merge/bytes_sent" not in metrics
     assert float(metrics["merge/spectral_gap"]) == pytest.approx(trainer.strategy.topology.spectral_gap)
     assert float(metrics["merge/time_s"]) > 0
     assert float(metrics["merge/consensus_distance_after"]) < float(

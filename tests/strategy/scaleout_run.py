@@ -91,7 +91,7 @@ def main() -> None:
         return
     states = strategy.agent_states()
     merge = next((c for c in trainer.callbacks if isinstance(c, MergeCallback)), None)
-    sent = strategy.all_gather_object(merge.last_bytes_sent if merge is not None else 0)
+    sent = strategy.all_gather_object(merge.last_bytes_between_processes if merge is not None else 0)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if trainer.global_rank == 0:
         torch.save({"states": states, "sent": sent, "metrics": metrics, "exported": exported}, args.output)

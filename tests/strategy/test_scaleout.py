@@ -75,7 +75,10 @@ def test_each_process_sends_only_its_agents_neighbours_needs(runs: dict[str, Any
     # Ring of 4 on 2 processes: agents 0,1 | 2,3; each process needs exactly two of the other's agents.
     assert runs["w2"]["sent"] == [2 * state_bytes, 2 * state_bytes]
     assert runs["w1"]["sent"] == [0]
-    assert runs["w2"]["metrics"]["merge/bytes_sent"] == 4 * state_bytes
+    assert runs["w2"]["metrics"]["merge/bytes_between_processes"] == 4 * state_bytes
+    assert runs["w1"]["metrics"]["merge/bytes_between_processes"] == 0
+    # What the algorithm sends over the graph does not depend on the process layout.
+    assert runs["w2"]["metrics"]["comm/bytes_sent"] == runs["w1"]["metrics"]["comm/bytes_sent"]
 
 
 def test_checkpoints_move_between_process_counts(runs: dict[str, Any]) -> None:
