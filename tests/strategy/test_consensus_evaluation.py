@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dimat import DIMATStrategy, MergeCallback
@@ -81,3 +83,26 @@ def test_a_new_fit_drops_the_consensus_of_the_previous_one() -> None:
     trainer.fit_loop.max_epochs = 2
     trainer.fit(model, datamodule=data)
     assert not any(key.startswith("consensus/") for key in during_fit.keys)
+
+
+class PredictingNet(TinyNet):
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        (x,) = batch
+        return self(x).argmax(-1)
+
+
+def test_predict_returns_every_agents_predictions_and_a_plain_trainer_the_consensus() -> None:
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=3), max_epochs=1)
+    model, data = PredictingNet(), BlobsData()
+    trainer.fit(model, datamodule=data)
+    inputs = data.val_set.tensors[0]
+    loader = DataLoader(TensorDataset(inputs), batch_size=32)
+    batches = trainer.predict(model, dataloaders=loader)
+    assert len(batches) == 3 and all(sorted(batch) == [0, 1, 2] for batch in batches)  # {agent id: ...}
+    swarm = trainer.strategy.swarm
+    with torch.no_grad():
+        for agent_id in range(3):
+            expected = swarm.agent(agent_id).eval()(inputs).argmax(-1)
+            assert torch.equal(torch.cat([batch[agent_id] for batch in batches]), expected)
+        plain = Trainer(logger=False, enable_progress_bar=False).predict(model, dataloaders=loader)
+        assert torch.equal(torch.cat(plain), model.eval()(inputs).argmax(-1))  # the consensus's
