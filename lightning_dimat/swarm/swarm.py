@@ -16,7 +16,6 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -86,6 +85,7 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
         self.consensus_log = ConsensusLog(log=self.log, trainer=functools.partial(getattr, self, "_trainer"))
         object.__setattr__(self, "_held_consensus", None)  # (not a submodule: never in the checkpoint)
         self._agent_losses: dict[int, Tensor] = {}
+        self._backward_agent: int | None = None
         self._agent_outputs: dict[int, Any] = {}
         self.pending_initialisation: Callable[[], None] | None = None
         self._untracked_random_state: tuple[int, ...] | None = None
@@ -214,7 +214,8 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        """Each agent's ``training_step`` on its own batch, one backward, then the agents' steps."""
+        """Each agent's ``training_step`` on its own batch and its backward — one agent at a time, so only
+        one agent's activations are alive at once — then the agents' optimizer steps."""
         batch = _agent_batch(batch)
         lightning_optimizer = self.optimizers()
         swarm_optimizer = self.swarm_optimizer
@@ -233,10 +234,12 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
             if loss is not None:
                 self._agent_losses[agent_id] = loss
                 swarm_optimizer.mark_active(agent_id)
+                self._backward_agent = agent_id
+                try:  # (an agent's loss depends on its own weights only: the same gradients as one sum)
+                    self.manual_backward(loss.float() / self.accumulate_grad_batches)
+                finally:
+                    self._backward_agent = None
         self.router.flush()
-        if self._agent_losses:
-            total = torch.stack([loss.float() for loss in self._agent_losses.values()]).sum()
-            self.manual_backward(total / self.accumulate_grad_batches)
         if (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
             # (A mixed-precision scaler may skip the step on inf gradients; schedulers step regardless,
             # as Lightning's do.)
@@ -278,23 +281,16 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
 
     @override
     def on_before_backward(self, loss: Tensor) -> None:
-        """Each agent's ``on_before_backward`` with its own loss."""
-        for agent_id, own_loss in self._agent_losses.items():
-            agent = self.agent(agent_id)
-            if is_overridden("on_before_backward", agent, LightningModule):
-                with self.router.speaking_for(agent_id):
-                    agent.on_before_backward(own_loss)
-        self.router.flush()
+        """The ``on_before_backward`` of the agent whose backward runs, with its own loss."""
+        agent_id = self._backward_agent
+        if agent_id is not None:
+            self._fan_out_batch("on_before_backward", agent_id, self._agent_losses[agent_id])
 
     @override
     def on_after_backward(self) -> None:
-        """``on_after_backward`` of each agent that computed a loss in this step."""
-        for agent_id in self._agent_losses:
-            agent = self.agent(agent_id)
-            if is_overridden("on_after_backward", agent, LightningModule):
-                with self.router.speaking_for(agent_id):
-                    agent.on_after_backward()
-        self.router.flush()
+        """The ``on_after_backward`` of the agent whose backward ran."""
+        if self._backward_agent is not None:
+            self._fan_out_batch("on_after_backward", self._backward_agent)
 
     def _warn_about_untracked_randomness(self) -> None:
         """Warns once if a global generator that no agent stream covers was drawn from this epoch."""
