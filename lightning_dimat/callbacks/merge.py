@@ -270,7 +270,7 @@ class MergeCallback(Callback):
         self.nonfinite_agents = [g for g in bad if g in round.handles]
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
-        self.last_bytes_between_processes = round.bytes_sent
+        self.last_bytes_between_processes = round.bytes_between_processes
         metrics = self._metrics(round, strategy, time.perf_counter() - started, moved)
         self._log(pl_module, metrics)
         restored = int(metrics["merge/nonfinite_agents"])
@@ -351,7 +351,7 @@ class MergeCallback(Callback):
         before, after, count = consensus_distances(round.snapshot, round.local_states(), names, strategy)
         local = {
             "bytes": float(sum(round.bytes_received.values())),
-            "bytes_between_processes": float(round.bytes_sent),
+            "bytes_between_processes": float(round.bytes_between_processes),
             "before": before,
             "after": after,
             "count": count,

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_dimat.callbacks.metrics import communication_metrics
-from lightning_dimat.cli import build_cli
+from lightning_dimat.cli import build_cli, finish_wandb_runs
 from lightning_dimat.experiment.spec import Cell, Experiment, config_hash
 from lightning_dimat.strategy import DIMATStrategy
 
@@ -62,7 +62,9 @@ class History(Callback):
         metrics, epoch = trainer.callback_metrics, trainer.current_epoch + 1
         if self.metric not in metrics or epoch % self.epochs_per_point:  # no fresh validation this epoch
             return
-        agents = sorted(_agent_order(k) for k in metrics if k.endswith(f"/{self.metric}"))
+        agents = sorted(
+            _agent_order(k) for k in metrics if k.startswith("agent_") and k.endswith(f"/{self.metric}")
+        )
         point: dict[str, Any] = {
             "epoch": epoch,
             "iteration": epoch / self.epochs_per_point,
@@ -182,7 +184,9 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         result["test_acc"] = float(tested["test_acc"])
         result["agents_test_acc"] = [
-            float(tested[k]) for k in sorted(tested, key=_agent_order) if k.endswith("/test_acc")
+            float(tested[k])
+            for k in sorted(tested, key=_agent_order)
+            if k.startswith("agent_") and k.endswith("/test_acc")
         ]
         # After fit your module holds the strategy's export (the consensus by default): the model you ship.
         result["consensus_test_acc"] = _accuracy(cli.model, cli.datamodule.test_dataloader())
@@ -191,6 +195,7 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
             pretrained["history"],
             pretrained["fingerprint"],
         )
+    finish_wandb_runs(cli.trainer)  # (runs share this process: each W&B run ends with its cell)
     result["wall_s"] = time.perf_counter() - started
     partial = folder / "result.json.partial"
     partial.write_text(json.dumps(result, indent=1))

@@ -86,7 +86,7 @@ class MergeRound:
         snapshot: their states when the round began (detached copies).
         forward_context: Lightning's precision context for forward passes.
         ledger: where the round counts what it sends and computes (``None``: not counted).
-        bytes_sent: bytes that crossed a process boundary from this process in this round.
+        bytes_between_processes: bytes that crossed a process boundary from this process in this round.
     """
 
     index: int
@@ -96,7 +96,7 @@ class MergeRound:
     forward_context: Callable[[], AbstractContextManager[Any]]
     transport: Transport
     ledger: CommunicationLedger | None = None
-    bytes_sent: int = 0
+    bytes_between_processes: int = 0
     bytes_received: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -124,7 +124,7 @@ class MergeRound:
         """
         payloads = self.snapshot if payloads is None else payloads
         remote, sent = self.transport(payloads, self.topology)
-        self.bytes_sent += sent
+        self.bytes_between_processes += sent
         states = {**{agent_id: dict(state) for agent_id, state in payloads.items()}, **remote}
         for handle in self:
             self.bytes_received[handle.agent_id] = sum(
