@@ -22,8 +22,9 @@ from lightning_dimat.topology import Topology
 
 
 def receivers_of(topology: Topology, agent_ids: Iterable[int]) -> dict[int, int]:
-    """How many agents each of ``agent_ids`` sends its state to on ``topology`` (its degree)."""
-    return {agent_id: topology.degree(agent_id) for agent_id in agent_ids}
+    """How many agents each of ``agent_ids`` sends its state to on ``topology`` (its degree; in a directed
+    round, the agents that take a weight from it)."""
+    return {agent_id: len(topology.receivers(agent_id)) for agent_id in agent_ids}
 
 
 _REDUCTIONS = {"sum": sum, "max": lambda values: max(values, default=0)}

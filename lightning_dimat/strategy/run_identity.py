@@ -30,7 +30,9 @@ RESUME_CHANGES = ("topology", "partition", "seed", "method", "basis")
 def run_identity(strategy: DIMATStrategy) -> dict[str, Any]:
     """The strategy's part of a run's identity: Π, the partition and its options, the seed."""
     return {
-        "topology": strategy.topology.mixing.tolist(),
+        "topology": strategy.topology.mixing.tolist()
+        if strategy.schedule is None
+        else strategy.schedule.describe(),
         "partition": strategy.partition,
         "partition_options": dict(strategy.partition_options),
         "seed": strategy.seed,

@@ -58,7 +58,7 @@ from lightning_dimat.strategy.run_identity import (
 )
 from lightning_dimat.swarm import AgentSwarm
 from lightning_dimat.swarm.random_streams import LIBRARIES, AgentRandomStreams
-from lightning_dimat.topology import Topology, build_topology
+from lightning_dimat.topology import Topology, TopologySchedule, build_schedule, build_topology
 from lightning_dimat.validation import check_choice, check_int, check_options
 
 Export = int | Literal["consensus", "none"]
@@ -78,7 +78,12 @@ class DIMATStrategy(DDPStrategy):
         topology: a name from :data:`~lightning_dimat.topology.GRAPHS` (``ring``, ``fully_connected``,
             ``star``, ``torus``, ``exponential``, ``erdos_renyi``), a
             :class:`~lightning_dimat.topology.Topology`,
-            a networkx graph, or an adjacency/mixing matrix.
+            a networkx graph, or an adjacency/mixing matrix; or a time-varying schedule: a name from
+            :data:`~lightning_dimat.topology.SCHEDULES` (``one_peer_exponential``, ``random_matching``), a
+            list of topologies used in turn, a callable ``round -> Topology`` (with
+            ``topology_options={"period": k}``) or a :class:`~lightning_dimat.topology.TopologySchedule`.
+            With a schedule, :attr:`topology` is the union of one period's graphs (the shared basis's
+            spanning tree is built on it) and round r merges on :meth:`topology_for_round`.
         mixing_rule: how edge weights are chosen: ``metropolis_hastings``, ``uniform`` or ``max_degree``.
         topology_options: options of a named topology, e.g. ``{"p": 0.3, "seed": 1}`` for ``erdos_renyi``.
         partition: how the training set is split: ``iid``, ``by_class`` (the paper's non-IID), ``dirichlet``
@@ -117,7 +122,7 @@ class DIMATStrategy(DDPStrategy):
     def __init__(
         self,
         num_agents: int = 5,
-        topology: str | Topology | Sequence[Sequence[float]] | Any = "ring",
+        topology: str | Topology | TopologySchedule | Sequence[Any] | Any = "ring",
         mixing_rule: str = "metropolis_hastings",
         topology_options: dict[str, Any] | None = None,
         partition: str = "iid",
@@ -148,7 +153,12 @@ class DIMATStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.num_agents = check_int("num_agents", num_agents, minimum=2, hint="DIMAT merges agents")
-        self.topology = build_topology(topology, num_agents, rule=mixing_rule, **(topology_options or {}))
+        self.schedule = build_schedule(topology, num_agents, rule=mixing_rule, **(topology_options or {}))
+        self.topology = (
+            self.schedule.union
+            if self.schedule is not None
+            else build_topology(topology, num_agents, rule=mixing_rule, **(topology_options or {}))
+        )
         check_options("partition", partition, PARTITIONS.get(partition), partition_options or {}, skip=3)
         self.partition = partition
         self.partition_options = dict(partition_options or {})
@@ -291,8 +301,8 @@ class DIMATStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ rounds
     def topology_for_round(self, index: int) -> Topology:
-        """The graph of round ``index`` (one fixed topology for now)."""
-        return self.topology
+        """The graph of round ``index``: the schedule's, or the one fixed topology."""
+        return self.topology if self.schedule is None else self.schedule(index)
 
     def begin_round(
         self,

@@ -38,6 +38,12 @@ from lightning_dimat.topology.mixing import MixingRule as MixingRule
 from lightning_dimat.topology.mixing import max_degree as max_degree
 from lightning_dimat.topology.mixing import metropolis_hastings as metropolis_hastings
 from lightning_dimat.topology.mixing import uniform as uniform
+from lightning_dimat.topology.schedule import (
+    SCHEDULES,
+    TopologySchedule,
+    build_schedule,
+    register_schedule,
+)
 from lightning_dimat.topology.topology import InducedMixing, Topology, build_topology
 
 # ``__all__`` keeps the names a star import gave before the split (plus the new API); the builders, rules
@@ -45,11 +51,15 @@ from lightning_dimat.topology.topology import InducedMixing, Topology, build_top
 __all__ = [
     "GRAPHS",
     "MIXING_RULES",
+    "SCHEDULES",
     "InducedMixing",
     "Topology",
+    "TopologySchedule",
+    "build_schedule",
     "build_topology",
     "column_stochastic",
     "register_mixing_rule",
+    "register_schedule",
     "register_topology",
     "validate_mixing",
 ]

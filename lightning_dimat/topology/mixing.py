@@ -111,15 +111,22 @@ def _format_components(components: list[set[int]]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def validate_mixing(mixing: npt.ArrayLike, atol: float = 1e-6) -> np.ndarray:
+def validate_mixing(
+    mixing: npt.ArrayLike, atol: float = 1e-6, *, symmetric: bool = True, connected: bool = True
+) -> np.ndarray:
     """Checks that ``mixing`` is a valid DIMAT mixing matrix and returns it as a float64 copy.
 
     Valid means: square, N >= 2, finite, non-negative, symmetric, rows and columns summing to 1 (all
-    within ``atol``) and a connected graph of non-zero off-diagonal weights.
+    within ``atol``) and a connected graph of non-zero off-diagonal weights. One round of a time-varying
+    schedule may be directed (``symmetric=False``: agent i takes π_ij from j, still doubly stochastic, so
+    the agents' mean is preserved) and disconnected (``connected=False``: a matching); the union of a
+    schedule's period is checked for connectivity instead.
 
     Args:
         mixing: the candidate NxN matrix Π (nested lists or an array).
         atol: tolerance of the symmetry and row/column-sum checks.
+        symmetric: require π_ij = π_ji.
+        connected: require a connected graph.
 
     Returns:
         A float64 copy of ``mixing``.
@@ -147,7 +154,7 @@ def validate_mixing(mixing: npt.ArrayLike, atol: float = 1e-6) -> np.ndarray:
             f"set negative weights to 0 and renormalise."
         )
     asymmetry = np.abs(array - array.T)
-    if asymmetry.max() > atol:
+    if symmetric and asymmetry.max() > atol:
         i, j = np.unravel_index(np.argmax(asymmetry), asymmetry.shape)
         raise ValueError(
             f"The mixing matrix must be symmetric, but ({i}, {j}) = {array[i, j]:.6g} and "
@@ -162,8 +169,10 @@ def validate_mixing(mixing: npt.ArrayLike, atol: float = 1e-6) -> np.ndarray:
                 f"instead of 1; rescale the weights, or build the matrix from a graph with "
                 f"Topology.from_graph / Topology.from_adjacency and a mixing rule."
             )
+    if not connected:
+        return array
     links = (array != 0) & ~np.eye(len(array), dtype=bool)
-    graph = nx.from_numpy_array(links.astype(np.int8))
+    graph = nx.from_numpy_array((links | links.T).astype(np.int8))
     if not nx.is_connected(graph):
         components = _format_components(list(nx.connected_components(graph)))
         raise ValueError(

@@ -42,6 +42,9 @@ class Topology:
 
     Args:
         mixing: NxN symmetric, doubly stochastic, non-negative mixing matrix of a connected graph.
+        symmetric: ``False`` for one round of a time-varying schedule in which agent i takes weight π_ij
+            from j without j taking from i (still doubly stochastic).
+        connected: ``False`` for one round of a schedule whose graph alone is disconnected (a matching).
 
     Examples:
         >>> topology = Topology.from_name("fully_connected", 4)
@@ -49,15 +52,23 @@ class Topology:
         (4, 3, 0.0)
     """
 
-    __slots__ = ("_eigenvalues", "_mixing")
+    __slots__ = ("_connected", "_eigenvalues", "_mixing", "_second_modulus", "_symmetric")
 
-    def __init__(self, mixing: npt.ArrayLike) -> None:
-        array = validate_mixing(mixing)
+    def __init__(self, mixing: npt.ArrayLike, *, symmetric: bool = True, connected: bool = True) -> None:
+        array = validate_mixing(mixing, symmetric=symmetric, connected=connected)
         array.setflags(write=False)
-        eigenvalues = np.linalg.eigvalsh(array)[::-1].copy()
+        if symmetric:
+            eigenvalues = np.linalg.eigvalsh(array)[::-1].copy()
+            second = float(max(abs(eigenvalues[1]), abs(eigenvalues[-1])))
+        else:  # the consensus contraction of a doubly stochastic matrix: its second singular value
+            eigenvalues = np.sort(np.linalg.eigvals(array).real)[::-1].copy()
+            second = float(np.linalg.svd(array, compute_uv=False)[1])
         eigenvalues.setflags(write=False)
         object.__setattr__(self, "_mixing", array)
         object.__setattr__(self, "_eigenvalues", eigenvalues)
+        object.__setattr__(self, "_second_modulus", second)
+        object.__setattr__(self, "_symmetric", symmetric)
+        object.__setattr__(self, "_connected", connected)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Topology is immutable; cannot set {name!r}.")
@@ -65,8 +76,10 @@ class Topology:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"Topology is immutable; cannot delete {name!r}.")
 
-    def __reduce__(self) -> tuple[type[Topology], tuple[np.ndarray]]:
-        return type(self), (np.array(self._mixing),)
+    def __reduce__(self) -> Any:
+        if self._symmetric and self._connected:
+            return type(self), (np.array(self._mixing),)
+        return _round_topology, (np.array(self._mixing), self._symmetric, self._connected)
 
     # ------------------------------------------------------------- constructors
 
@@ -164,7 +177,8 @@ class Topology:
         """A fresh undirected graph with an edge wherever π_ij > 0, i ≠ j."""
         graph = nx.Graph()
         graph.add_nodes_from(range(self.num_agents))
-        graph.add_edges_from((int(i), int(j)) for i, j in np.argwhere(np.triu(self._mixing, k=1) > 0))
+        links = (self._mixing > 0) | (self._mixing.T > 0)  # (either direction, for a directed round)
+        graph.add_edges_from((int(i), int(j)) for i, j in np.argwhere(np.triu(links, k=1)))
         return graph
 
     @property
@@ -173,12 +187,14 @@ class Topology:
         return self._eigenvalues.view()
 
     @property
-    def _second_modulus(self) -> float:
-        return float(max(abs(self._eigenvalues[1]), abs(self._eigenvalues[-1])))
+    def symmetric(self) -> bool:
+        """Whether π_ij = π_ji (always, except for a directed round of a schedule)."""
+        return self._symmetric
 
     @property
     def rho(self) -> float:
-        """rho = max(|λ2|, |λN|)², the contraction factor of the paper's Assumption 2 (rho < 1)."""
+        """rho = max(|λ2|, |λN|)², the contraction factor of the paper's Assumption 2 (rho < 1); for a
+        directed round, the second singular value squared."""
         return self._second_modulus**2
 
     @property
@@ -211,6 +227,17 @@ class Topology:
         i = self._check_agent(i)
         agents = sorted([*self.neighbors(i), i])
         return {j: float(self._mixing[i, j]) for j in agents}
+
+    def receivers(self, j: int) -> list[int]:
+        """Sorted agents i ≠ j with π_ij > 0: those that use agent ``j``'s state (its neighbours, unless the
+        round is directed).
+
+        Examples:
+            >>> build_topology("ring", 5).receivers(0)
+            [1, 4]
+        """
+        j = self._check_agent(j)
+        return [int(i) for i in np.flatnonzero(self._mixing[:, j] > 0) if i != j]
 
     def degree(self, i: int) -> int:
         """Number of neighbours of agent ``i``.
@@ -409,6 +436,11 @@ class InducedMixing:
 
     def __repr__(self) -> str:
         return f"InducedMixing(agents={list(self._agents)})"
+
+
+def _round_topology(mixing: np.ndarray, symmetric: bool, connected: bool) -> Topology:
+    """Rebuilds a pickled round topology (``Topology.__reduce__`` of a relaxed one)."""
+    return Topology(mixing, symmetric=symmetric, connected=connected)
 
 
 def _check_size(size: int, num_agents: int, what: str) -> None:
