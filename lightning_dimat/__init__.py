@@ -10,7 +10,7 @@ Examples:
 """
 
 from lightning_dimat.callbacks import AgentReport, CDSGDCallback, MergeCallback, SGPCallback
-from lightning_dimat.comm import CommunicationLedger
+from lightning_dimat.comm import COMPRESSIONS, CommunicationLedger
 from lightning_dimat.merge import (
     MATCHERS,
     ActivationMatcher,
@@ -32,6 +32,7 @@ from lightning_dimat.topology import GRAPHS, MIXING_RULES, Topology, build_topol
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMPRESSIONS",
     "GRAPHS",
     "MATCHERS",
     "MIXING_RULES",

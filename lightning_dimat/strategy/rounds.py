@@ -10,13 +10,22 @@ per-round topology, a codec or a dropout rule plugs in here once.
 A round of plain averaging, inside a callback hook (``strategy = trainer.strategy``)::
 
     round = strategy.begin_round(num_batches=4)
-    states = round.gather()
-    round.commit({h.agent_id: weighted_state([states[j] for j in h.order], h.mixing_row) for h in round})
+    states = round.gather(compression="int8")
+    merged = {}
+    for h in round:
+        seen = states.seen_by(h.agent_id)  # its own state exact, its neighbours' as received
+        merged[h.agent_id] = weighted_state([seen[j] for j in h.order], h.mixing_row)
+    round.commit(merged)
+
+With a lossy ``compression`` (:mod:`lightning_dimat.comm.compression`) ``states[j]`` is agent j's state as
+its neighbours receive it — decoded from its encoded payload whether j lives in this process or another, so
+results do not depend on the process layout — while an agent's own state is never compressed:
+``states.seen_by(i)`` is every state agent i uses, its own exact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,10 +34,11 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_dimat.comm.compression import Codec, resolve_compression
 from lightning_dimat.comm.ledger import CommunicationLedger, receivers_of
 from lightning_dimat.merge.batchnorm import recompute_batchnorm
 from lightning_dimat.merge.inputs import num_samples
-from lightning_dimat.merge.state import StateDict, detached_state, load_state_in_place, state_bytes
+from lightning_dimat.merge.state import StateDict, detached_state, load_state_in_place
 from lightning_dimat.permutation.apply import permute_optimizer_state
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.topology import Topology
@@ -73,6 +83,32 @@ class AgentHandle:
         return [self.weights[j] for j in self.order]
 
 
+class GatheredStates(dict[int, StateDict]):
+    """What :meth:`MergeRound.gather` returns: ``{agent id: its state as its neighbours receive it}``.
+
+    With compression ``"none"`` that is the state itself. With a lossy one it is the decoded payload, for
+    local agents as for remote ones; the local agents' own exact states are kept in :attr:`own`.
+
+    Attributes:
+        own: ``{local agent id: its exact state}`` (what it sent, before encoding).
+
+    Examples:
+        >>> import torch
+        >>> received = {0: {"w": torch.tensor(0.0)}, 1: {"w": torch.tensor(1.0)}}  # 0's as sent, decoded
+        >>> states = GatheredStates(received, own={0: {"w": torch.tensor(0.004)}})
+        >>> {j: round(float(state["w"]), 3) for j, state in states.seen_by(0).items()}
+        {0: 0.004, 1: 1.0}
+    """
+
+    def __init__(self, received: Mapping[int, StateDict], own: Mapping[int, StateDict]) -> None:
+        super().__init__(received)
+        self.own: dict[int, StateDict] = dict(own)
+
+    def seen_by(self, agent_id: int) -> dict[int, StateDict]:
+        """Every state local agent ``agent_id`` uses: its own exact, the others as received."""
+        return {**self, agent_id: self.own[agent_id]}
+
+
 @dataclass
 class MergeRound:
     """One round: local agents' handles, a snapshot of their states, and the neighbour exchange.
@@ -111,28 +147,42 @@ class MergeRound:
         self,
         payloads: Mapping[int, Mapping[str, Tensor]] | None = None,
         receivers: Mapping[int, int] | None = None,
-    ) -> dict[int, StateDict]:
+        compression: str | Codec = "none",
+        exact: Collection[str] = (),
+    ) -> GatheredStates:
         """Every state the local agents need this round, keyed by agent id: their own and their neighbours'.
 
         Local and remote neighbours come through the same path; only the states of neighbours held by other
-        processes cross the wire.
+        processes cross the wire. Each state is encoded with ``compression`` once, the payloads are what
+        crosses the wire and what the ledger counts, and every neighbour state is the decoded payload —
+        whether the neighbour is in this process or not. An agent's own state stays exact
+        (:meth:`GatheredStates.seen_by`).
 
         Args:
             payloads: what each local agent sends (default: the snapshot of its state).
             receivers: how many agents each local agent sends to, for the ledger (default: its degree in
                 this round's topology).
+            compression: a codec or its name in :data:`~lightning_dimat.comm.compression.COMPRESSIONS`
+                (``"none"``, ``"bf16"``, ``"fp16"``, ``"int8"``).
+            exact: entries of the payloads sent as they are whatever the compression (SGP's push-sum weight).
         """
         payloads = self.snapshot if payloads is None else payloads
-        remote, sent = self.transport(payloads, self.topology)
+        codec = resolve_compression(compression)
+        encoded = {agent_id: codec.encode(state, exact) for agent_id, state in payloads.items()}
+        remote, sent = self.transport(encoded, self.topology)
         self.bytes_between_processes += sent
-        states = {**{agent_id: dict(state) for agent_id, state in payloads.items()}, **remote}
+        arrived = {**encoded, **remote}
+        states = GatheredStates(
+            {agent_id: codec.decode(payload) for agent_id, payload in arrived.items()},
+            own={agent_id: dict(state) for agent_id, state in payloads.items()},
+        )
         for handle in self:
             self.bytes_received[handle.agent_id] = sum(
-                state_bytes(states[j]) for j in handle.neighbours if j in states
+                codec.payload_bytes(arrived[j]) for j in handle.neighbours if j in arrived
             )
         if self.ledger is not None:
             counts = receivers_of(self.topology, self.agent_ids) if receivers is None else receivers
-            self.ledger.record_exchange(counts, state_bytes(payloads[self.agent_ids[0]]))
+            self.ledger.record_exchange(counts, codec.payload_bytes(encoded[self.agent_ids[0]]))
         return states
 
     def commit(

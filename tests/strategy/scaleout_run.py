@@ -45,6 +45,7 @@ def main() -> None:
         "--method", default="activation", help="a merge method, or cdsgd / sgp (per-step gossip)"
     )
     parser.add_argument("--basis", default="own", help="the merge callback's basis: own or shared")
+    parser.add_argument("--compression", default="none", help="none, bf16, fp16 or int8")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
     parser.add_argument("--output", type=Path, required=True)
@@ -53,9 +54,15 @@ def main() -> None:
     callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
     gossip = {"cdsgd": CDSGDCallback, "sgp": SGPCallback}.get(args.method)
     callbacks.append(
-        gossip()
+        gossip(compression=args.compression)
         if gossip
-        else MergeCallback(every_n_epochs=2, method=args.method, num_batches=2, basis=args.basis)
+        else MergeCallback(
+            every_n_epochs=2,
+            method=args.method,
+            num_batches=2,
+            basis=args.basis,
+            compression=args.compression,
+        )
     )
     if args.checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoints, save_top_k=-1, every_n_epochs=1))

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_dimat.comm.compression import COMPRESSIONS
+
 SCRIPT = Path(__file__).parent / "scaleout_run.py"
 
 
@@ -133,6 +135,32 @@ def test_per_step_gossip_on_two_processes_gives_the_agents_of_one_process(
     # Ring of 4: every agent sends its state to 2 neighbours per step (SGP adds its push-sum scalar).
     per_message = state_bytes + (8 if method == "sgp" else 0)
     assert one["metrics"]["comm/bytes_sent"] == 4 * 2 * steps * per_message
+
+
+@pytest.mark.parametrize("method", ["activation", "sgp"])
+def test_int8_compression_on_two_processes_gives_the_agents_of_one_process(
+    tmp_path: Path, method: str
+) -> None:
+    # Neighbour states are decode(encode(.)) in one process too, so the layout does not change the results;
+    # only the int8 payloads (codes, float32 scales, the int64 BatchNorm counter) cross the wire.
+    common = ("--method", method, "--compression", "int8", "--epochs", "2")
+    one = _run(tmp_path, "c1", "--devices", "1", *common)
+    two = _run(tmp_path, "c2", "--devices", "2", *common)
+    assert _max_difference(one["states"], two["states"]) <= 1e-6
+    for key in ("comm/bytes_sent", "comm/agent_3/bytes_sent", "val_acc", "agent_3/val_acc"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key
+    codec = COMPRESSIONS.get("int8")
+    state = one["states"][0]
+    payload_bytes = codec.payload_bytes(codec.encode(state))
+    assert sum(t.numel() * t.element_size() for t in state.values()) / payload_bytes >= 3.5
+    if method == "sgp":  # every step, 4 agents push to 2 neighbours: payload + the exact float64 weight
+        steps = one["metrics"]["comm/rounds"]
+        assert one["metrics"]["comm/bytes_sent"] == 4 * 2 * steps * (payload_bytes + 8)
+        return
+    # One merge (after epoch 1); ring of 4 on 2 processes: each process sends two of its agents' payloads.
+    assert one["metrics"]["comm/bytes_sent"] == one["metrics"]["merge/bytes"] == 4 * 2 * payload_bytes
+    assert two["sent"] == [2 * payload_bytes, 2 * payload_bytes]
+    assert two["metrics"]["merge/bytes_between_processes"] == 4 * payload_bytes
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
