@@ -67,8 +67,9 @@ def test_int8_round_trip_error_is_within_the_quantisation_step(dtype: torch.dtyp
             assert decoded[key] is original
             continue
         error = float((decoded[key].double() - original.double()).abs().max())
-        # s/2 from rounding to the nearest code; a 16-bit original adds its own rounding on the way back.
-        bound = _step(original) * (0.5 * (1 + 1e-6) if original.element_size() >= 4 else 1.0)
+        # s/2 from rounding to the nearest code (q·s itself is rounded: up to 127·2⁻²⁴·s more in float32); a
+        # 16-bit original adds its own rounding on the way back.
+        bound = _step(original) * (0.5 + 1e-5 if original.element_size() >= 4 else 1.0)
         assert 0 < error <= bound, (key, error, bound)
 
 
@@ -161,7 +162,7 @@ def test_int8_cuts_the_bytes_of_float32_models_by_at_least_3_5x(make: Any) -> No
     worst = max(
         float((decoded[k] - v).abs().max()) / _step(v) for k, v in state.items() if v.is_floating_point()
     )
-    assert worst <= 0.5 + 1e-6, worst
+    assert worst <= 0.5 + 1e-5, worst
 
 
 def test_unknown_compressions_and_tagged_keys_are_refused() -> None:
@@ -192,7 +193,7 @@ def test_a_round_merges_decoded_neighbours_with_each_agents_own_exact_state() ->
         assert plain[g]["w"] is snapshot[g]["w"] and plain.seen_by(g)[g]["w"] is snapshot[g]["w"]
         assert states.seen_by(g)[g]["w"] is snapshot[g]["w"]  # its own state: never compressed
         error = float((states[g]["w"] - snapshot[g]["w"]).abs().max())
-        assert 0 < error <= _step(snapshot[g]["w"]) / 2 + 1e-7  # what its neighbours merge
+        assert 0 < error <= _step(snapshot[g]["w"]) * (0.5 + 1e-5)  # what its neighbours merge
         assert states[g]["n"] is snapshot[g]["n"]
     # Ring of 3: each agent sends to 2 neighbours; int8 payload = 64 codes + a float32 scale + the int64.
     assert ledgers["none"].bytes_sent == dict.fromkeys(range(3), 2 * (64 * 4 + 8))
@@ -249,7 +250,7 @@ def test_an_int8_merge_moves_each_agent_by_at_most_its_neighbours_half_steps() -
                 assert difference == 0.0, key
                 continue
             bound = sum(w * _step(before[j][key]) / 2 for j, w in topology.weights(i).items() if j != i)
-            assert difference <= bound * (1 + 1e-5) + 1e-7, (i, key, difference, bound)
+            assert difference <= bound * (1 + 1e-4) + 1e-7, (i, key, difference, bound)
             moved = max(moved, difference)
     assert moved > 0
     # comm/bytes_sent counts the encoded states: ring of 3, 2 receivers per agent, one merge.
