@@ -24,6 +24,12 @@ A non-finite agent (NaN or infinite values) is left out of every exchange — it
 their weights over the finite agents (CDSGD) or receive nothing from it (SGP: push-sum stays unbiased) — and
 is rebuilt from its finite neighbours with its gradient dropped and optimizer state reset, with a warning;
 ``on_nonfinite="raise"`` raises :class:`~lightning_dimat.merge.NonFiniteAgentError` instead.
+
+``compression="bf16" | "fp16" | "int8"`` (:mod:`~lightning_dimat.comm.compression`) sends every state encoded
+and mixes the decoded neighbour states with the agent's own exact one, in one process as across processes;
+SGP compresses its numerators and buffers but never the push-sum weight, whose exactness keeps the de-biasing
+right. There is no error feedback: every step adds the codec's error (int8: up to max|x|/254 per tensor) to
+what an agent receives, so per-step gossip tolerates bf16/fp16 better than int8.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_dimat.callbacks.metrics import communication_metrics, gathered_ledger
+from lightning_dimat.comm.compression import check_compression
 from lightning_dimat.comm.gather import gather_fields_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
 from lightning_dimat.merge.finite import ON_NONFINITE, check_states, no_finite_neighbour, renormalised
@@ -52,8 +59,11 @@ PUSH_SUM_WEIGHT = "__push_sum_weight__"
 class _GossipCallback(Callback):
     """Shared plumbing: the strategy, the ledger and its logging, the non-finite check."""
 
-    def __init__(self, on_nonfinite: Literal["restore", "raise"] = "restore") -> None:
+    def __init__(
+        self, on_nonfinite: Literal["restore", "raise"] = "restore", compression: str = "none"
+    ) -> None:
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        self.compression = check_compression(compression)
         self.ledger = CommunicationLedger()
         self.steps = 0
         self._strategy_ref: DIMATStrategy | None = None
@@ -118,6 +128,10 @@ class _GossipCallback(Callback):
 class CDSGDCallback(_GossipCallback):
     """CDSGD: every optimizer step, x_i ← Σ_j π_ij x_j − α g_i with g_i the gradient at the old x_i.
 
+    Args:
+        on_nonfinite: ``"restore"`` a non-finite agent from its neighbours, or ``"raise"``.
+        compression: how states are sent: ``"none"``, ``"bf16"``, ``"fp16"`` or ``"int8"`` (module doc).
+
     Examples:
         >>> from lightning.pytorch import Trainer
         >>> from lightning_dimat import DIMATStrategy
@@ -131,14 +145,15 @@ class CDSGDCallback(_GossipCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Mixes every agent's weights with its neighbours' before its optimizer applies the gradient."""
         round = self._strategy(trainer).begin_round(index=self.steps, ledger=self.ledger)
-        states = round.gather()
+        states = round.gather(compression=self.compression)
         bad = self._check_finite(states, trainer)
         mixed = {}
         for handle in round:
             order, row = renormalised(handle.order, handle.mixing_row, bad)
             if not order:
                 raise no_finite_neighbour(handle.agent_id, f"gossip step {self.steps}")
-            mixed[handle.agent_id] = weighted_state([states[j] for j in order], row)
+            seen = states.seen_by(handle.agent_id)  # its own state exact, its neighbours' as received
+            mixed[handle.agent_id] = weighted_state([seen[j] for j in order], row)
         round.commit(mixed, recompute_batchnorm=False)
         for handle in round:
             if handle.agent_id in bad:
@@ -153,6 +168,9 @@ class SGPCallback(_GossipCallback):
         mixing: a column-stochastic N × N matrix P (``P[i][j]``: the share agent j pushes to agent i; a
             directed graph is fine) — or None for the strategy's topology Π (symmetric doubly stochastic,
             where SGP is D-PSGD). An explicit matrix needs all agents in one process.
+        on_nonfinite: ``"restore"`` a non-finite agent from its neighbours, or ``"raise"``.
+        compression: how numerators and buffers are sent: ``"none"``, ``"bf16"``, ``"fp16"`` or ``"int8"``
+            (the push-sum weight always exactly; see the module doc).
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -168,8 +186,9 @@ class SGPCallback(_GossipCallback):
         self,
         mixing: Sequence[Sequence[float]] | None = None,
         on_nonfinite: Literal["restore", "raise"] = "restore",
+        compression: str = "none",
     ) -> None:
-        super().__init__(on_nonfinite)
+        super().__init__(on_nonfinite, compression)
         self.mixing = None if mixing is None else column_stochastic(mixing)
         self.numerators: dict[int, StateDict] = {}
         self.push_weights: dict[int, float] = {}
@@ -194,9 +213,6 @@ class SGPCallback(_GossipCallback):
                 f"process, but the run has {strategy.world_size} processes; use devices=1, or mixing=None "
                 "to push on the strategy's topology."
             )
-
-    def _push_matrix(self, strategy: DIMATStrategy) -> np.ndarray:
-        return strategy.topology.mixing if self.mixing is None else self.mixing
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -232,8 +248,10 @@ class SGPCallback(_GossipCallback):
             return
         self._pending = False
         strategy = self._strategy(trainer)
-        mixing = self._push_matrix(strategy)
         round = strategy.begin_round(index=self.steps, ledger=self.ledger, snapshot=False)
+        # (this step's graph: the strategy's topology, or its schedule's round; doubly stochastic, so also
+        # column-stochastic as push-sum needs)
+        mixing = round.topology.mixing if self.mixing is None else self.mixing
         payloads: dict[int, StateDict] = {}
         for handle in round:
             numerator, weight = self.numerators[handle.agent_id], self.push_weights[handle.agent_id]
@@ -244,7 +262,9 @@ class SGPCallback(_GossipCallback):
             payload[PUSH_SUM_WEIGHT] = torch.tensor(weight, dtype=torch.float64, device=_device_of(state))
             payloads[handle.agent_id] = payload
         receivers = {j: int(np.count_nonzero(mixing[:, j])) - int(mixing[j, j] > 0) for j in payloads}
-        pushed = round.gather(payloads, receivers=receivers)
+        pushed = round.gather(
+            payloads, receivers=receivers, compression=self.compression, exact=(PUSH_SUM_WEIGHT,)
+        )
         bad = self._check_finite(pushed, trainer)
         new_states: dict[int, StateDict] = {}
         for handle in round:
@@ -255,11 +275,12 @@ class SGPCallback(_GossipCallback):
                 raise no_finite_neighbour(agent_id, f"gossip step {self.steps}")
             shares = [float(mixing[agent_id, j]) for j in senders]
             numerator_keys = [*self.numerators[agent_id], PUSH_SUM_WEIGHT]
-            mixed = weighted_state([_subset(pushed[j], numerator_keys) for j in senders], shares)
+            seen = pushed.seen_by(agent_id)  # its own push exact, its neighbours' as received
+            mixed = weighted_state([_subset(seen[j], numerator_keys) for j in senders], shares)
             weight = float(mixed.pop(PUSH_SUM_WEIGHT))
             # Buffers (BatchNorm statistics) are averaged, not pushed: shares normalised per receiver.
             buffers = weighted_state(
-                [_subset(pushed[j], pushed[j].keys() - set(numerator_keys)) for j in senders],
+                [_subset(seen[j], seen[j].keys() - set(numerator_keys)) for j in senders],
                 [share / sum(shares) for share in shares],
             )
             self.numerators[agent_id], self.push_weights[agent_id] = mixed, weight

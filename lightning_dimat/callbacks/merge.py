@@ -22,6 +22,7 @@ from lightning_dimat.callbacks.metrics import (
     gathered_ledger,
     summed_over_processes,
 )
+from lightning_dimat.comm.compression import check_compression
 from lightning_dimat.comm.gather import gather_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
 from lightning_dimat.merge.combine import merge_into_basis
@@ -103,6 +104,9 @@ class MergeCallback(Callback):
             ``"raise"``.
         final_merge: also merge after the last epoch of ``fit`` (``max_epochs``) when it is not a merge
             epoch, so that the run ends on merged agents whatever ``every_n_epochs`` is.
+        compression: how states are sent: ``"none"``, ``"bf16"``, ``"fp16"`` or ``"int8"`` (per-tensor scale;
+            see :mod:`~lightning_dimat.comm.compression`). An agent merges its neighbours' decoded states, in
+            one process as across processes, and its own exact one; bytes are counted as encoded.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -125,6 +129,7 @@ class MergeCallback(Callback):
         root: int = 0,
         on_nonfinite: Literal["restore", "raise"] = "restore",
         final_merge: bool = False,
+        compression: str = "none",
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
@@ -134,6 +139,7 @@ class MergeCallback(Callback):
         self.root = check_int("root", root, minimum=0)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         self.final_merge = check_bool("final_merge", final_merge)
+        self.compression = check_compression(compression)
         self.nonfinite_agents: list[int] = []
         """The local agents found non-finite (and restored) at the last merge."""
         self.basis_built = False
@@ -235,7 +241,7 @@ class MergeCallback(Callback):
         round = strategy.begin_round(
             num_batches=self.num_batches if wants_data else None, index=self.round, ledger=self.ledger
         )
-        states = round.gather()
+        states = round.gather(compression=self.compression)
         bad = self._check_finite(states, trainer)
         merged: dict[int, StateDict] = {}
         moved: list[float] = []
@@ -243,17 +249,18 @@ class MergeCallback(Callback):
             order, row = renormalised(handle.order, handle.mixing_row, bad)
             if not order:
                 raise no_finite_neighbour(handle.agent_id, self._where(trainer))
+            seen = states.seen_by(handle.agent_id)  # its own state exact, its neighbours' as received
             # A non-finite agent is rebuilt from its finite neighbours, in the basis of the first of them.
             module, first = handle.module, order[0]
-            reference = module if first == handle.agent_id else copy_holding(module, states[first])
+            reference = module if first == handle.agent_id else copy_holding(module, seen[first])
             data = handle.batches if self.matcher.requires_data else None
             if data is not None and self.matcher.runs_neighbours:
                 self.ledger.record_forward(handle.agent_id, len(order) * num_samples(data))
             with handle.activate():
                 merged[handle.agent_id], found = merge_into_basis(
                     reference,
-                    states[order[0]],
-                    [states[j] for j in order[1:]],
+                    seen[order[0]],
+                    [seen[j] for j in order[1:]],
                     row,
                     self.matcher,
                     data,
@@ -305,7 +312,7 @@ class MergeCallback(Callback):
             ledger=self.ledger,
             topology=tree,
         )
-        states = round.gather()
+        states = round.gather(compression=self.compression)
         bad = nonfinite_agents(states)
         if bad:
             raise NonFiniteAgentError(
@@ -323,7 +330,7 @@ class MergeCallback(Callback):
             with handle.activate():
                 (found,) = aligner.match(
                     reference,
-                    [states[handle.agent_id]],
+                    [states.own[handle.agent_id]],
                     handle.batches if aligner.requires_data else None,
                     spec=self._spec,
                     forward_context=round.forward_context,

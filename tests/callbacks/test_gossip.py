@@ -196,3 +196,18 @@ def test_sgp_pushes_once_per_optimizer_step_with_gradient_accumulation() -> None
 def test_push_sum_matrices_that_would_lose_mass_are_refused(matrix: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         column_stochastic(matrix)
+
+
+@pytest.mark.parametrize("callback_class", [CDSGDCallback, SGPCallback])
+def test_gossip_on_one_peer_exponential_reaches_the_exact_average_in_one_period(callback_class: type) -> None:
+    """N=4: rounds take from i+1 then i+2; the product of one period's matrices is exact averaging."""
+    final, _, strategy = run(callback_class(), steps=2, lr=0.0, topology="one_peer_exponential")
+    assert [strategy.topology_for_round(r).neighbors(0) for r in range(2)] == [[1], [2]]
+    np.testing.assert_allclose(final, np.tile(START.mean(0), (NUM_AGENTS, 1)), atol=1e-12)
+
+
+@pytest.mark.parametrize("callback_class", [CDSGDCallback, SGPCallback])
+def test_gossip_on_random_matchings_keeps_the_mean_and_reaches_consensus(callback_class: type) -> None:
+    final, _, _ = run(callback_class(), steps=40, lr=0.0, topology="random_matching")
+    np.testing.assert_allclose(final.mean(0), START.mean(0), atol=1e-12)  # doubly stochastic rounds
+    np.testing.assert_allclose(final, np.tile(START.mean(0), (NUM_AGENTS, 1)), atol=1e-6)
