@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import networkx as nx
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
@@ -45,7 +46,17 @@ from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy, MergeRound
 from lightning_dimat.strategy.run_identity import differences, refuse_differences
 from lightning_dimat.topology import Topology
-from lightning_dimat.validation import check_bool, check_choice, check_index, check_instance, check_int
+from lightning_dimat.validation import (
+    check_bool,
+    check_choice,
+    check_index,
+    check_instance,
+    check_int,
+    check_real,
+)
+
+PARTICIPATION_STREAM = 0x9A27
+"""Mixed into the seed of the per-round participation draws (apart from every other stream of the run)."""
 
 
 class MergeCallback(Callback):
@@ -107,6 +118,12 @@ class MergeCallback(Callback):
         compression: how states are sent: ``"none"``, ``"bf16"``, ``"fp16"`` or ``"int8"`` (per-tensor scale;
             see :mod:`~lightning_dimat.comm.compression`). An agent merges its neighbours' decoded states, in
             one process as across processes, and its own exact one; bytes are counted as encoded.
+        participation: the probability that an agent takes part in a round (agents that drop out or lag):
+            drawn per round from the strategy's seed, the same draw in every process. An absent agent keeps
+            its weights, BatchNorm statistics and optimizer state, sends nothing, and its neighbours
+            renormalise their weights over the agents present; it rejoins at the next round it draws. 1.0
+            (default) is every agent every round. The first merge of ``basis="shared"`` (entering the
+            basis) takes every agent.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -130,6 +147,7 @@ class MergeCallback(Callback):
         on_nonfinite: Literal["restore", "raise"] = "restore",
         final_merge: bool = False,
         compression: str = "none",
+        participation: float = 1.0,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
@@ -140,6 +158,10 @@ class MergeCallback(Callback):
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         self.final_merge = check_bool("final_merge", final_merge)
         self.compression = check_compression(compression)
+        # (0 is refused: no agent would ever merge)
+        self.participation = check_real("participation", participation, 0.0, 1.0, low_open=True)
+        self.absent_agents: list[int] = []
+        """The agents (all processes) that sat out the last merge."""
         self.nonfinite_agents: list[int] = []
         """The local agents found non-finite (and restored) at the last merge."""
         self.basis_built = False
@@ -241,12 +263,19 @@ class MergeCallback(Callback):
         round = strategy.begin_round(
             num_batches=self.num_batches if wants_data else None, index=self.round, ledger=self.ledger
         )
-        states = round.gather(compression=self.compression)
+        absent = self._absent_this_round(strategy)
+        receivers = {
+            g: 0 if g in absent else sum(i not in absent for i in round.topology.receivers(g))
+            for g in round.agent_ids
+        }
+        states = round.gather(compression=self.compression, receivers=receivers)
         bad = self._check_finite(states, trainer)
         merged: dict[int, StateDict] = {}
         moved: list[float] = []
         for handle in round:
-            order, row = renormalised(handle.order, handle.mixing_row, bad)
+            if handle.agent_id in absent and handle.agent_id not in bad:
+                continue  # (sat out: untouched; a non-finite agent is still restored)
+            order, row = renormalised(handle.order, handle.mixing_row, [*bad, *absent])
             if not order:
                 raise no_finite_neighbour(handle.agent_id, self._where(trainer))
             seen = states.seen_by(handle.agent_id)  # its own state exact, its neighbours' as received
@@ -269,8 +298,12 @@ class MergeCallback(Callback):
                 )
             moved.extend(moved_fraction(permutations) for permutations in found)
         round.commit(
-            merged, recompute_batchnorm=self.recompute_batchnorm, optimizer_state=self.optimizer_state
+            merged,
+            recompute_batchnorm=self.recompute_batchnorm,
+            optimizer_state=self.optimizer_state,
+            untouched=[g for g in absent if g not in bad],
         )
+        self.absent_agents = sorted(absent)
         for handle in round:
             if handle.agent_id in bad and handle.optimizer is not None:
                 handle.optimizer.state.clear()  # its moments hold the NaNs that its weights no longer do
@@ -288,6 +321,16 @@ class MergeCallback(Callback):
             f"{metrics['merge/permuted_fraction']:.0%} of units permuted"
             + (f", {restored} non-finite agent(s) restored" if restored else "")
         )
+
+    def _absent_this_round(self, strategy: DIMATStrategy) -> set[int]:
+        """The agents that sit this round out: each independently with probability 1 − participation,
+        drawn from (seed, round) so that every process draws the same."""
+        if self.participation >= 1.0:
+            return set()
+        draws = np.random.default_rng([strategy.seed, PARTICIPATION_STREAM, self.round]).random(
+            strategy.num_agents
+        )
+        return {int(g) for g in np.flatnonzero(draws >= self.participation)}
 
     def _check_finite(self, states: Mapping[int, Mapping[str, Tensor]], trainer: Trainer) -> list[int]:
         strategy = self._dimat(trainer)
@@ -377,6 +420,7 @@ class MergeCallback(Callback):
             "merge/consensus_distance_after": summed["after"] / summed["count"],
             "merge/permuted_fraction": summed["moved"] / max(summed["pairs"], 1.0),
             "merge/nonfinite_agents": summed["nonfinite"],
+            "merge/absent_agents": float(len(self.absent_agents)),
             **communication_metrics(self.ledger, strategy, ledger_state),
         }
 

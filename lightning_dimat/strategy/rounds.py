@@ -193,6 +193,7 @@ class MergeRound:
         optimizer_state: OptimizerState = "keep",
         permutations: Mapping[int, Mapping[str, Tensor]] | None = None,
         spec: PermutationSpec | None = None,
+        untouched: Collection[int] = (),
     ) -> None:
         """Writes each local agent's new state in place, then refreshes what depends on it.
 
@@ -203,11 +204,15 @@ class MergeRound:
             permutations: agents whose basis moved this round (``{agent id: permutations}``): their optimizer
                 state (momentum, Adam moments) is permuted with them, so their next step is unchanged.
             spec: the spec ``permutations`` refer to.
+            untouched: agents that sat the round out: weights, BatchNorm statistics and optimizer state
+                stay exactly as they were (they need no entry in ``states``).
         """
-        missing = sorted(set(self.handles) - set(states))
+        missing = sorted(set(self.handles) - set(states) - set(untouched))
         if missing:
             raise ValueError(f"commit() needs a new state for every local agent; missing agents {missing}.")
         for handle in self:
+            if handle.agent_id in untouched:
+                continue
             load_state_in_place(handle.module, states[handle.agent_id])
             if recompute_batchnorm and handle.batches:
                 with handle.activate():
