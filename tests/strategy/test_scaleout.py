@@ -180,3 +180,20 @@ def test_a_peer_that_dies_mid_exchange_ends_the_run_with_a_clear_error(tmp_path:
     assert "another process died or did not answer (the timeout is 20 s" in result["error"]
     assert "resume from it with ckpt_path" in result["error"]
     assert result["seconds"] < 20 + 10
+
+
+@pytest.mark.parametrize(
+    ("method", "topology", "basis"),
+    [("activation", "one_peer_exponential", "shared"), ("sgp", "random_matching", "own")],
+)
+def test_a_topology_schedule_on_two_processes_gives_the_agents_of_one_process(
+    tmp_path: Path, method: str, topology: str, basis: str
+) -> None:
+    # Each round exchanges that round's neighbours only (a directed round: the agents that take from a
+    # state receive it); the shared basis is built along the union graph's spanning tree.
+    common = ("--method", method, "--topology", topology, "--basis", basis, "--epochs", "4")
+    one = _run(tmp_path, "s1", "--devices", "1", *common)
+    two = _run(tmp_path, "s2", "--devices", "2", *common)
+    assert _max_difference(one["states"], two["states"]) <= 1e-6
+    for key in ("comm/bytes_sent", "agent_3/val_acc", "val_acc"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key
