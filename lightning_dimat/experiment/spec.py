@@ -36,6 +36,7 @@ import yaml
 
 from lightning_dimat.partition import PARTITIONS
 from lightning_dimat.topology.graphs import GRAPHS
+from lightning_dimat.topology.schedule import SCHEDULES
 from lightning_dimat.validation import check_int
 
 GRID_AXES = ("methods", "topologies", "partitions", "seeds", "num_agents")
@@ -257,12 +258,17 @@ def _cells(grids: Any, methods: dict[str, Method], path: Path) -> list[Cell]:
         unknown = [name for name in grid["methods"] if name not in methods]
         if unknown:
             raise ValueError(f"{where} names methods {unknown} not defined under methods.")
-        for registry, axis in ((GRAPHS, "topologies"), (PARTITIONS, "partitions")):
-            for name in grid[axis]:
-                if name not in registry:
-                    raise ValueError(
-                        f"{where}: unknown {registry.kind} {name!r} in {axis}; known: {registry.names()}."
-                    )
+        for name in grid["topologies"]:
+            if name not in GRAPHS and name not in SCHEDULES:
+                raise ValueError(
+                    f"{where}: unknown topology {name!r} in topologies; known graphs: {GRAPHS.names()}, "
+                    f"schedules (a graph per round): {SCHEDULES.names()}."
+                )
+        for name in grid["partitions"]:
+            if name not in PARTITIONS:
+                raise ValueError(
+                    f"{where}: unknown {PARTITIONS.kind} {name!r} in partitions; known: {PARTITIONS.names()}."
+                )
         seeds = [check_int(f"{where}: seed", seed, minimum=0) for seed in grid["seeds"]]
         sizes = [check_int(f"{where}: num_agents", size, minimum=2) for size in grid["num_agents"]]
         axes = (grid["methods"], grid["topologies"], grid["partitions"], seeds, sizes)

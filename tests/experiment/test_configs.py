@@ -27,7 +27,7 @@ from lightning_dimat import DIMATStrategy, MergeCallback
 from lightning_dimat.cli import DIMATCLI, build_cli
 from lightning_dimat.experiment import Cell, Experiment, load_experiment
 from lightning_dimat.partition import partition
-from lightning_dimat.topology import Topology
+from lightning_dimat.topology import Topology, build_schedule
 
 ROOT = Path(__file__).resolve().parents[2]  # tests/experiment/ → the checkout
 CONFIG_DIR = ROOT / "configs"
@@ -144,7 +144,12 @@ def _check_strategy(cli: DIMATCLI, cell: Cell, topology: str, init_from: str | N
     assert strategy.seed == cell.seed
     assert strategy.init_from == init_from
     assert strategy.export == "none"
-    expected = Topology.from_name(topology, cell.num_agents).mixing
+    schedule = build_schedule(topology, cell.num_agents)
+    if schedule is not None:  # a graph per round: the strategy merges on the schedule's rounds
+        assert strategy.schedule is not None and strategy.schedule.name == schedule.name
+        expected = schedule.union.mixing
+    else:
+        expected = Topology.from_name(topology, cell.num_agents).mixing
     np.testing.assert_array_equal(strategy.topology.mixing, expected)
 
 
