@@ -443,7 +443,16 @@ class MergeCallback(Callback):
             "merged_epochs": list(self.merged_epochs),
             "ledger": gathered_ledger(self.ledger, self._strategy),
             "basis_built": self.basis_built,
-            "run": {"method": repr(self.matcher), "basis": self.basis},
+            "run": self._run_record(),
+        }
+
+    def _run_record(self) -> dict[str, Any]:
+        """What a resumed run must keep (unless ``resume_changes`` names it)."""
+        return {
+            "method": repr(self.matcher),
+            "basis": self.basis,
+            "compression": self.compression,
+            "participation": self.participation,
         }
 
     @override
@@ -453,7 +462,7 @@ class MergeCallback(Callback):
         saved = state_dict.get("run")
         if saved is not None:
             allowed = self._strategy.resume_changes if self._strategy is not None else ()
-            current = {"method": repr(self.matcher), "basis": self.basis}
+            current = self._run_record()
             refuse_differences(differences(saved, current, allowed), "The checkpoint's MergeCallback state")
         self.round = int(state_dict["round"])
         self.merged_epochs = list(state_dict["merged_epochs"])

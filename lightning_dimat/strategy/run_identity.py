@@ -23,7 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     from lightning_dimat.strategy.strategy import DIMATStrategy
 
-RESUME_CHANGES = ("topology", "partition", "seed", "method", "basis")
+RESUME_CHANGES = ("topology", "partition", "seed", "method", "basis", "compression", "participation")
 """What ``resume_changes`` may name: the parts of a run that a resumed run is allowed to change."""
 
 
@@ -46,7 +46,14 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: C
         if name in allowed or name not in saved:
             continue
         before = saved[name]
-        if name == "topology":
+        if name == "topology" and isinstance(before, dict) != isinstance(now, dict):
+            same, shown = False, "a schedule against a fixed graph"
+        elif name == "topology" and isinstance(now, dict):  # a schedule: its name, period, first period
+            same = before.get("schedule") == now.get("schedule") and np.allclose(
+                before.get("rounds"), now.get("rounds"), atol=1e-12
+            )
+            shown = f"schedule: checkpoint {before.get('schedule')!r}, this run {now.get('schedule')!r}"
+        elif name == "topology":
             same = np.shape(before) == np.shape(now) and np.allclose(before, now, atol=1e-12)
             shown = "the mixing matrix Π differs"
         else:

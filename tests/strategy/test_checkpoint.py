@@ -61,6 +61,12 @@ def _resume(path: Path, merge: MergeCallback | None = None, **options: Any) -> N
             MergeCallback(every_n_epochs=2, basis="shared"),
             r"basis \(checkpoint: 'own', this run: 'shared'\)",
         ),
+        ({"topology": "one_peer_exponential"}, None, r"topology \(a schedule against a fixed graph\)"),
+        (
+            {},
+            MergeCallback(every_n_epochs=2, compression="int8"),
+            r"compression \(checkpoint: 'none', this run: 'int8'\)",
+        ),
     ],
 )
 def test_resuming_a_different_run_is_refused_unless_the_change_is_named(
@@ -70,8 +76,11 @@ def test_resuming_a_different_run_is_refused_unless_the_change_is_named(
     path = checkpoint_of_epoch(tmp_path, 0)
     with pytest.raises(ValueError, match=message + r".*resume_changes="):
         _resume(path, merge, **options)
-    allowed = [*options] or ["method" if "method" in message else "basis"]
-    merge = None if merge is None else MergeCallback(every_n_epochs=2, method=merge.method, basis=merge.basis)
+    allowed = [*options] or [message.split(" ")[0]]
+    if merge is not None:
+        merge = MergeCallback(
+            every_n_epochs=2, method=merge.method, basis=merge.basis, compression=merge.compression
+        )
     _resume(path, merge, resume_changes=allowed, **options)  # an explicit override is fine
 
 

@@ -129,3 +129,21 @@ def test_a_static_topology_behaves_as_before() -> None:
     assert strategy.schedule is None
     assert strategy.topology_for_round(7) is strategy.topology
     np.testing.assert_array_equal(strategy.topology.mixing, build_topology("ring", 5).mixing)
+
+
+def test_a_run_on_a_schedule_resumes_on_the_same_schedule_only(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(topology: Any, epochs: int, ckpt_path: Any = None) -> None:
+        trainer = make_trainer(
+            strategy=DIMATStrategy(num_agents=4, topology=topology),
+            callbacks=[MergeCallback(every_n_epochs=1), ModelCheckpoint(dirpath=tmp_path, filename="last")],
+            enable_checkpointing=True,
+            max_epochs=epochs,
+        )
+        trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=ckpt_path)
+
+    fit("one_peer_exponential", 1)
+    fit("one_peer_exponential", 2, ckpt_path=tmp_path / "last.ckpt")  # the same schedule: resumes
+    with pytest.raises(ValueError, match=r"topology \(schedule: checkpoint 'one_peer_exponential'"):
+        fit("random_matching", 3, ckpt_path=tmp_path / "last.ckpt")
