@@ -182,16 +182,13 @@ def test_a_peer_that_dies_mid_exchange_ends_the_run_with_a_clear_error(tmp_path:
     assert result["seconds"] < 20 + 10
 
 
-@pytest.mark.parametrize(
-    ("method", "topology", "basis"),
-    [("activation", "one_peer_exponential", "shared"), ("sgp", "random_matching", "own")],
-)
-def test_a_topology_schedule_on_two_processes_gives_the_agents_of_one_process(
-    tmp_path: Path, method: str, topology: str, basis: str
-) -> None:
-    # Each round exchanges that round's neighbours only (a directed round: the agents that take from a
-    # state receive it); the shared basis is built along the union graph's spanning tree.
-    common = ("--method", method, "--topology", topology, "--basis", basis, "--epochs", "4")
+def test_a_topology_schedule_on_two_processes_gives_the_agents_of_one_process(tmp_path: Path) -> None:
+    # Each round exchanges that round's neighbours only (one-peer exponential rounds are directed: a state
+    # goes to the agents that take from it); the shared basis is built along the union graph's spanning
+    # tree. (SGP on random matchings across processes was checked the same way when this was written; in
+    # the suite one case keeps the multi-process tests' time down.)
+    common = ("--method", "activation", "--topology", "one_peer_exponential", "--basis", "shared")
+    common = (*common, "--epochs", "4")
     one = _run(tmp_path, "s1", "--devices", "1", *common)
     two = _run(tmp_path, "s2", "--devices", "2", *common)
     assert _max_difference(one["states"], two["states"]) <= 1e-6
