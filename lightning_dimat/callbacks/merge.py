@@ -398,7 +398,8 @@ class MergeCallback(Callback):
         self, round: MergeRound, strategy: DIMATStrategy, seconds: float, moved: list[float]
     ) -> dict[str, float]:
         names = [name for name, _ in next(iter(round)).module.named_parameters()]
-        before, after, count = consensus_distances(round.snapshot, round.local_states(), names, strategy)
+        live = {handle.agent_id: handle.module.state_dict() for handle in round}  # (views, no copies)
+        before, after, count = consensus_distances(round.snapshot, live, names, strategy)
         local = {
             "bytes": float(sum(round.bytes_received.values())),
             "bytes_between_processes": float(round.bytes_between_processes),
