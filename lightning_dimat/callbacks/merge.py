@@ -38,7 +38,7 @@ from lightning_dimat.merge.finite import (
 )
 from lightning_dimat.merge.inputs import first_input, num_samples
 from lightning_dimat.merge.matchers import Matcher, resolve_matcher
-from lightning_dimat.merge.state import StateDict, copy_holding
+from lightning_dimat.merge.state import copy_holding
 from lightning_dimat.permutation.apply import permute_state
 from lightning_dimat.permutation.cache import spec_for
 from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
@@ -270,8 +270,9 @@ class MergeCallback(Callback):
         }
         states = round.gather(compression=self.compression, receivers=receivers)
         bad = self._check_finite(states, trainer)
-        merged: dict[int, StateDict] = {}
         moved: list[float] = []
+        # Each agent's merge reads only the round's snapshot and received states, so it is written as soon
+        # as it is computed: one merged state alive at a time, not one per agent.
         for handle in round:
             if handle.agent_id in absent and handle.agent_id not in bad:
                 continue  # (sat out: untouched; a non-finite agent is still restored)
@@ -286,7 +287,7 @@ class MergeCallback(Callback):
             if data is not None and self.matcher.runs_neighbours:
                 self.ledger.record_forward(handle.agent_id, len(order) * num_samples(data))
             with handle.activate():
-                merged[handle.agent_id], found = merge_into_basis(
+                new_state, found = merge_into_basis(
                     reference,
                     seen[order[0]],
                     [seen[j] for j in order[1:]],
@@ -297,12 +298,13 @@ class MergeCallback(Callback):
                     forward_context=round.forward_context,
                 )
             moved.extend(moved_fraction(permutations) for permutations in found)
-        round.commit(
-            merged,
-            recompute_batchnorm=self.recompute_batchnorm,
-            optimizer_state=self.optimizer_state,
-            untouched=[g for g in absent if g not in bad],
-        )
+            round.commit(
+                {handle.agent_id: new_state},
+                recompute_batchnorm=self.recompute_batchnorm,
+                optimizer_state=self.optimizer_state,
+                untouched=[g for g in round.agent_ids if g != handle.agent_id],
+            )
+            del new_state
         self.absent_agents = sorted(absent)
         for handle in round:
             if handle.agent_id in bad and handle.optimizer is not None:
