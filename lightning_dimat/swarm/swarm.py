@@ -50,6 +50,7 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
         world_size: number of processes the agents are spread over.
 
     Examples:
+        >>> import torch
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> swarm = AgentSwarm({0: BoringModel(), 1: BoringModel()}, AgentRandomStreams(0, [0, 1]))
         >>> sorted(swarm(torch.zeros(2, 32)))
