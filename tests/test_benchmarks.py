@@ -45,6 +45,7 @@ RUNS = {
     "gpu_check": Run("gpu_check.py"),
     "merge_quality": Run("merge_quality.py"),
     "merge_speed": Run("merge_speed.py"),
+    "scale": Run("scale.py"),  # a baseline and 2 settings, each its own subprocess
     "overhead": Run("overhead.py", default_output=True),  # also checks where a smoke run saves by default
 }
 
@@ -57,6 +58,17 @@ KEYS = {
     "exchange": {"benchmark", "agents", "world_size", "state_mb", "per_rank", "ratios_vs_naive"},
     "merge_quality": {"benchmark", "data", "image_size", "model", "epochs", "seconds", "curves"},
     "gpu_check": {"torch", "gpu", "accelerator", *GPU_CHECKS},
+    "scale": {
+        "benchmark",
+        "commit",
+        "cpu_count",
+        "torch",
+        "baseline",
+        "settings",
+        "marginal_mib_per_agent",
+        "extrapolation_1000",
+        "merge_share",
+    },
 }
 
 
@@ -185,6 +197,25 @@ def test_merge_quality_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
         assert [point["alpha"] for point in curve["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
         assert all({"accuracy", "loss"} <= set(point) for point in curve["points"])
     assert smoke_runs["merge_quality"].result().output.with_suffix(".png").is_file()
+
+
+def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
+    result = _finished(smoke_runs, "scale")
+    _check(result, "scale")
+    settings = result["settings"]
+    assert [(s["agents"], s["width"], s["method"]) for s in settings] == [
+        (2, 1, "average"),
+        (3, 1, "average"),
+    ]
+    for setting in settings:
+        assert setting["merged_before_epoch_end"] is True  # the merge ran inside epoch 1, before its end
+        assert setting["peak_mib"] >= setting["train_peak_mib"] > 0 and setting["merge_s"] > 0
+        assert {"fit/epoch0", "fit/epoch1/merge", "fit/epoch1/merge/commit", "fit/export"} <= set(
+            setting["phases"]
+        )
+    assert set(result["extrapolation_1000"]) == {"1"}
+    assert "average" in result["merge_share"]["computed_from_scaled"]
+    assert smoke_runs["scale"].result().output.with_suffix(".png").is_file()
 
 
 def test_gpu_check_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
