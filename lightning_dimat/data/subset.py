@@ -305,8 +305,9 @@ def main(argv: list[str]) -> None:
     ``lightning-dimat data tiny-imagenet SOURCE [--classes K | --classes WNID,WNID,...] [--output ZIP]
     [--expected-sha256 HEX] [--overwrite]``; the default output is ``data/tiny-imagenet-<K>.zip``.
 
-    Examples:
-        >>> main(["tiny-imagenet", "tiny-imagenet-200.zip", "--classes", "20"])  # doctest: +SKIP
+    Example (needs the real archive, so not run as a doctest)::
+
+        main(["tiny-imagenet", "tiny-imagenet-200.zip", "--classes", "20"])
         20 classes, 10000 train + 1000 val images -> data/tiny-imagenet-20.zip sha256 ... (source sha256 ...)
     """
     parser = argparse.ArgumentParser(prog="lightning-dimat data", description="Build a dataset subset.")

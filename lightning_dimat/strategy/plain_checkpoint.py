@@ -66,12 +66,13 @@ def export_checkpoint(
     Returns:
         ``output``, which ``MyModel.load_from_checkpoint(output)`` loads.
 
-    Examples:
-        >>> export_checkpoint("run.ckpt", "agent0.ckpt", agent=0)  # doctest: +SKIP
-        >>> export_checkpoint(  # doctest: +SKIP
-        ...     "run.ckpt", "model.ckpt", trainer=Trainer(strategy=DIMATStrategy(...), callbacks=[merge]),
-        ...     model=MyModel(), datamodule=MyData())
-        >>> MyModel.load_from_checkpoint("model.ckpt")  # doctest: +SKIP
+    Example (needs a run's checkpoint, so not run as a doctest)::
+
+        export_checkpoint("run.ckpt", "agent0.ckpt", agent=0)
+        export_checkpoint(
+            "run.ckpt", "model.ckpt", trainer=Trainer(strategy=DIMATStrategy(...), callbacks=[merge]),
+            model=MyModel(), datamodule=MyData())
+        MyModel.load_from_checkpoint("model.ckpt")
     """
     output = Path(output)
     if output.exists() and not overwrite:
