@@ -24,6 +24,7 @@ from lightning_dimat.callbacks.metrics import (
     summed_over_processes,
 )
 from lightning_dimat.comm.compression import check_compression
+from lightning_dimat.comm.deadline import Deadline, new_namespace
 from lightning_dimat.comm.gather import gather_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
 from lightning_dimat.merge.combine import merge_into_basis
@@ -90,7 +91,8 @@ class MergeCallback(Callback):
     in one process), ``merge/spectral_gap`` (1 − max(|λ2|, |λN|) of Π) and
     ``merge/consensus_distance_before``/``_after`` (mean over agents of ‖x_i − x̄‖ over parameters),
     ``merge/permuted_fraction`` (units moved by the round's permutations, mean over channel groups, neighbours
-    and agents), and the
+    and agents), ``merge/absent_agents`` (agents that sat the round out, ``participation``),
+    ``merge/missing_neighbours`` (neighbour states that missed the ``deadline``), and the
     cumulative communication counts of :class:`~lightning_dimat.comm.CommunicationLedger`
     (``comm/rounds``, ``comm/bytes_sent``, ``comm/messages_sent``, ``comm/forward_samples``).
 
@@ -124,6 +126,15 @@ class MergeCallback(Callback):
             renormalise their weights over the agents present; it rejoins at the next round it draws. 1.0
             (default) is every agent every round. The first merge of ``basis="shared"`` (entering the
             basis) takes every agent.
+        deadline: with several processes, the seconds a merge waits for the neighbour states held by other
+            processes; a state that has not arrived by then is left out of that round (the mixing weights
+            renormalised over the states at hand, as for an absent agent) and counted in
+            ``merge/missing_neighbours``, and a process that lags merges with what the others sent in time
+            and rejoins at the next round (see :mod:`~lightning_dimat.comm.deadline`). The round then runs no
+            collective: its ``merge/*`` metrics are each process's own (summed over its agents). ``None``
+            (default) waits for every neighbour and fails with a clear error past the strategy's ``timeout``.
+            Entering the shared basis always waits for every agent. In one process every state is at hand
+            and the deadline never applies.
 
     Examples:
         >>> from lightning.pytorch import Trainer
@@ -148,6 +159,7 @@ class MergeCallback(Callback):
         final_merge: bool = False,
         compression: str = "none",
         participation: float = 1.0,
+        deadline: float | None = None,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch, minimum=0)
@@ -160,6 +172,12 @@ class MergeCallback(Callback):
         self.compression = check_compression(compression)
         # (0 is refused: no agent would ever merge)
         self.participation = check_real("participation", participation, 0.0, 1.0, low_open=True)
+        self.deadline = (
+            None if deadline is None else check_real("deadline", deadline, 0.0, float("inf"), low_open=True)
+        )
+        self.missing_neighbours = 0
+        """Neighbour states (summed over this process's agents) that missed the last merge's deadline."""
+        self._namespace: str | None = None
         self.absent_agents: list[int] = []
         """The agents (all processes) that sat out the last merge."""
         self.nonfinite_agents: list[int] = []
@@ -199,6 +217,8 @@ class MergeCallback(Callback):
         last = trainer.max_epochs
         remaining = range(trainer.current_epoch, last) if last is not None and last >= 0 else None
         self._check_early_stopping(trainer)
+        if self.deadline is not None and strategy.world_size > 1:
+            self._namespace = strategy.all_gather_object(new_namespace())[0]  # rank 0's, for this fit
         if remaining is not None and not any(map(self.should_merge, remaining)) and not self.final_merge:
             rank_zero_warn(
                 f"MergeCallback(every_n_epochs={self.every_n_epochs}, start_epoch={self.start_epoch}) never "
@@ -268,15 +288,20 @@ class MergeCallback(Callback):
             g: 0 if g in absent else sum(i not in absent for i in round.topology.receivers(g))
             for g in round.agent_ids
         }
-        states = round.gather(compression=self.compression, receivers=receivers)
+        states = round.gather(compression=self.compression, receivers=receivers, deadline=self._deadline())
         bad = self._check_finite(states, trainer)
+        self.missing_neighbours = sum(
+            len(set(handle.neighbours) & set(states.missing) - absent)
+            for handle in round
+            if handle.agent_id not in absent
+        )
         moved: list[float] = []
         # Each agent's merge reads only the round's snapshot and received states, so it is written as soon
         # as it is computed: one merged state alive at a time, not one per agent.
         for handle in round:
             if handle.agent_id in absent and handle.agent_id not in bad:
                 continue  # (sat out: untouched; a non-finite agent is still restored)
-            order, row = renormalised(handle.order, handle.mixing_row, [*bad, *absent])
+            order, row = renormalised(handle.order, handle.mixing_row, [*bad, *absent, *states.missing])
             if not order:
                 raise no_finite_neighbour(handle.agent_id, self._where(trainer))
             seen = states.seen_by(handle.agent_id)  # its own state exact, its neighbours' as received
@@ -323,6 +348,12 @@ class MergeCallback(Callback):
             f"{metrics['merge/permuted_fraction']:.0%} of units permuted"
             + (f", {restored} non-finite agent(s) restored" if restored else "")
         )
+
+    def _deadline(self) -> Deadline | None:
+        """This fit's deadline for a round's exchange (``None``: strict, or one process)."""
+        if self.deadline is None or self._namespace is None:
+            return None
+        return Deadline(self.deadline, self._namespace)
 
     def _absent_this_round(self, strategy: DIMATStrategy) -> set[int]:
         """The agents that sit this round out: each independently with probability 1 − participation,
@@ -401,7 +432,8 @@ class MergeCallback(Callback):
     ) -> dict[str, float]:
         names = [name for name, _ in next(iter(round)).module.named_parameters()]
         live = {handle.agent_id: handle.module.state_dict() for handle in round}  # (views, no copies)
-        before, after, count = consensus_distances(round.snapshot, live, names, strategy)
+        collective = self._deadline() is None  # a round with a deadline runs no collective
+        before, after, count = consensus_distances(round.snapshot, live, names, strategy, collective)
         local = {
             "bytes": float(sum(round.bytes_received.values())),
             "bytes_between_processes": float(round.bytes_between_processes),
@@ -411,8 +443,13 @@ class MergeCallback(Callback):
             "moved": float(sum(moved)),
             "pairs": float(len(moved)),
             "nonfinite": float(len(self.nonfinite_agents)),
+            "missing": float(self.missing_neighbours),
         }
-        summed, ledger_state = summed_over_processes(local, self.ledger, strategy)
+        summed, ledger_state = (
+            summed_over_processes(local, self.ledger, strategy)
+            if collective
+            else (local, self.ledger.state_dict())
+        )
         return {
             "merge/round": float(self.round),
             "merge/time_s": seconds,
@@ -424,6 +461,7 @@ class MergeCallback(Callback):
             "merge/permuted_fraction": summed["moved"] / max(summed["pairs"], 1.0),
             "merge/nonfinite_agents": summed["nonfinite"],
             "merge/absent_agents": float(len(self.absent_agents)),
+            "merge/missing_neighbours": summed["missing"],
             **communication_metrics(self.ledger, strategy, ledger_state),
         }
 

@@ -42,16 +42,17 @@ def communication_metrics(
 
 
 def consensus_distances(
-    before: States, after: States, names: Sequence[str], strategy: DIMATStrategy
+    before: States, after: States, names: Sequence[str], strategy: DIMATStrategy, collective: bool = True
 ) -> tuple[float, float, float]:
     """This process's Σ_i ‖x_i − x̄‖ before and after a merge (x̄ over all agents), and its agent count.
 
-    Sum the three over processes and divide to get the mean distance over agents.
+    Sum the three over processes and divide to get the mean distance over agents. With
+    ``collective=False`` x̄ is the mean of this process's agents only (no collective).
     """
     count = float(len(before))
     sums = torch.cat([parameter_sum(before.values(), names), parameter_sum(after.values(), names)])
     sums = torch.cat([sums, sums.new_tensor([count])])
-    if strategy.world_size > 1:
+    if strategy.world_size > 1 and collective:
         sums = strategy.reduce(sums, reduce_op="sum")
     total = float(sums[-1])
     mean_before, mean_after = (sums[:-1] / total).chunk(2)

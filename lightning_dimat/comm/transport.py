@@ -85,6 +85,11 @@ def _checksum(layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> int
     return zlib.crc32(repr(layout).encode())
 
 
+def layout_checksum(state: Mapping[str, Tensor]) -> int:
+    """A checksum of ``state``'s keys, shapes and dtypes: equal for agents of one architecture."""
+    return _checksum(_layout(state))
+
+
 def _flatten(states: Sequence[Mapping[str, Tensor]], dtype: torch.dtype, device: torch.device) -> Tensor:
     pieces = [
         value.detach().reshape(-1) for state in states for value in state.values() if value.dtype == dtype

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_dimat.comm.compression import Codec, resolve_compression
+from lightning_dimat.comm.deadline import Deadline
 from lightning_dimat.comm.ledger import CommunicationLedger, receivers_of
 from lightning_dimat.merge.batchnorm import recompute_batchnorm
 from lightning_dimat.merge.inputs import num_samples
@@ -43,7 +44,10 @@ from lightning_dimat.permutation.apply import permute_optimizer_state
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.topology import Topology
 
-Transport = Callable[[Mapping[int, Mapping[str, Tensor]], Topology], tuple[dict[int, StateDict], int]]
+Transport = Callable[
+    [Mapping[int, Mapping[str, Tensor]], Topology, int, "Deadline | None"], tuple[dict[int, StateDict], int]
+]
+"""``(local payloads, topology, round index, deadline) -> (payloads of remote neighbours, bytes sent)``."""
 OptimizerState = Literal["keep", "reset"]
 
 
@@ -91,6 +95,8 @@ class GatheredStates(dict[int, StateDict]):
 
     Attributes:
         own: ``{local agent id: its exact state}`` (what it sent, before encoding).
+        missing: neighbours of local agents whose state did not arrive before the round's deadline
+            (always empty without one): their mixing weights are to be renormalised away.
 
     Examples:
         >>> import torch
@@ -100,9 +106,12 @@ class GatheredStates(dict[int, StateDict]):
         {0: 0.004, 1: 1.0}
     """
 
-    def __init__(self, received: Mapping[int, StateDict], own: Mapping[int, StateDict]) -> None:
+    def __init__(
+        self, received: Mapping[int, StateDict], own: Mapping[int, StateDict], missing: Collection[int] = ()
+    ) -> None:
         super().__init__(received)
         self.own: dict[int, StateDict] = dict(own)
+        self.missing: list[int] = sorted(missing)
 
     def seen_by(self, agent_id: int) -> dict[int, StateDict]:
         """Every state local agent ``agent_id`` uses: its own exact, the others as received."""
@@ -149,6 +158,7 @@ class MergeRound:
         receivers: Mapping[int, int] | None = None,
         compression: str | Codec = "none",
         exact: Collection[str] = (),
+        deadline: Deadline | None = None,
     ) -> GatheredStates:
         """Every state the local agents need this round, keyed by agent id: their own and their neighbours'.
 
@@ -165,16 +175,20 @@ class MergeRound:
             compression: a codec or its name in :data:`~lightning_dimat.comm.compression.COMPRESSIONS`
                 (``"none"``, ``"bf16"``, ``"fp16"``, ``"int8"``).
             exact: entries of the payloads sent as they are whatever the compression (SGP's push-sum weight).
+            deadline: wait this long for states from other processes and go on without the late ones
+                (:attr:`GatheredStates.missing`); ``None`` waits for all and fails past the timeout.
         """
         payloads = self.snapshot if payloads is None else payloads
         codec = resolve_compression(compression)
         encoded = {agent_id: codec.encode(state, exact) for agent_id, state in payloads.items()}
-        remote, sent = self.transport(encoded, self.topology)
+        remote, sent = self.transport(encoded, self.topology, self.index, deadline)
         self.bytes_between_processes += sent
         arrived = {**encoded, **remote}
+        wanted = {j for handle in self for j in handle.neighbours}
         states = GatheredStates(
             {agent_id: codec.decode(payload) for agent_id, payload in arrived.items()},
             own={agent_id: dict(state) for agent_id, state in payloads.items()},
+            missing=wanted - set(arrived),
         )
         for handle in self:
             self.bytes_received[handle.agent_id] = sum(

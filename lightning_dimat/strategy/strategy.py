@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_dimat.comm.deadline import Deadline, default_store, exchange_with_deadline
 from lightning_dimat.comm.gather import gather_by_agent
 from lightning_dimat.comm.ledger import CommunicationLedger
 from lightning_dimat.comm.placement import agents_on_rank
@@ -355,16 +356,27 @@ class DIMATStrategy(DDPStrategy):
         return dict(getattr(optimizers[0], "optimizers", {})) if optimizers else {}
 
     def _transport(
-        self, states: Mapping[int, Mapping[str, Tensor]], topology: Topology
+        self,
+        states: Mapping[int, Mapping[str, Tensor]],
+        topology: Topology,
+        round_index: int = 0,
+        deadline: Deadline | None = None,
     ) -> tuple[dict[int, StateDict], int]:
-        """The neighbour states the local agents need from other processes, and the bytes sent."""
+        """The neighbour states the local agents need from other processes (those that came before the
+        ``deadline``, when one is given), and the bytes sent."""
         if self.world_size == 1:
             return {}, 0
         key = topology.mixing.tobytes()
         if key not in self._exchange_plans:
             self._exchange_plans[key] = plan_exchange(topology, self.world_size, self.rank)
-        device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
-        remote, sent = exchange_states(states, self._exchange_plans[key], device, self._timeout)
+        plan = self._exchange_plans[key]
+        if deadline is not None:
+            remote, sent = exchange_with_deadline(
+                states, plan, default_store(), deadline.namespace, round_index, deadline.seconds
+            )
+        else:
+            device = self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
+            remote, sent = exchange_states(states, plan, device, self._timeout)
         return {j: {k: v.to(self.root_device) for k, v in state.items()} for j, state in remote.items()}, sent
 
     # ------------------------------------------------------------------ swarm

@@ -181,7 +181,7 @@ def _round(states: dict[int, dict[str, Tensor]], ledger: CommunicationLedger) ->
         g: AgentHandle(g, None, None, [], topology.weights(g), contextlib.nullcontext)  # type: ignore[arg-type]
         for g in states
     }
-    return MergeRound(0, topology, handles, states, contextlib.nullcontext, lambda s, t: ({}, 0), ledger)
+    return MergeRound(0, topology, handles, states, contextlib.nullcontext, lambda *_: ({}, 0), ledger)
 
 
 def test_a_round_merges_decoded_neighbours_with_each_agents_own_exact_state() -> None:

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -32,6 +33,49 @@ class ExitBeforeExchange(Callback):
             os._exit(3)
 
 
+LAG_RELEASED = "test/lag/released"
+
+
+class HoldRank1UntilRank0Merged(Callback):
+    """A straggler without sleeping: at the first merge rank 1 waits until rank 0 has merged, so rank 0 must
+    go on without rank 1's states once its deadline passes. Records rank 0's agents around that merge."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.missing: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if not (trainer.is_last_batch and trainer.current_epoch == 1):
+            return
+        if trainer.global_rank == 1:
+            dist.distributed_c10d._get_default_store().wait([LAG_RELEASED], timedelta(seconds=120))
+        else:
+            self.before = _parameters(trainer)
+
+
+class ReleaseRank1(Callback):
+    """After rank 0's first merge: record it and let rank 1 go on."""
+
+    def __init__(self, hold: HoldRank1UntilRank0Merged, merge: MergeCallback) -> None:
+        self.hold, self.merge = hold, merge
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if not (trainer.is_last_batch and trainer.current_epoch == 1):
+            return
+        self.hold.missing = self.merge.missing_neighbours
+        if trainer.global_rank == 0:
+            self.hold.after = _parameters(trainer)
+            dist.distributed_c10d._get_default_store().set(LAG_RELEASED, b"1")
+
+
+def _parameters(trainer) -> dict[int, dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    return {
+        agent_id: {name: value.detach().clone() for name, value in agent.named_parameters()}
+        for agent_id, agent in trainer.strategy.swarm.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2)
@@ -47,13 +91,15 @@ def main() -> None:
     parser.add_argument("--basis", default="own", help="the merge callback's basis: own or shared")
     parser.add_argument("--compression", default="none", help="none, bf16, fp16 or int8")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--deadline", type=float, default=None, help="the merge callback's deadline (s)")
+    parser.add_argument("--lag", action="store_true", help="rank 1 arrives at the first merge late")
     parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
     gossip = {"cdsgd": CDSGDCallback, "sgp": SGPCallback}.get(args.method)
-    callbacks.append(
+    merge = (
         gossip(compression=args.compression)
         if gossip
         else MergeCallback(
@@ -62,8 +108,11 @@ def main() -> None:
             num_batches=2,
             basis=args.basis,
             compression=args.compression,
+            deadline=args.deadline,
         )
     )
+    hold = HoldRank1UntilRank0Merged()
+    callbacks += [hold, merge, ReleaseRank1(hold, merge)] if args.lag else [merge]
     if args.checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=args.checkpoints, save_top_k=-1, every_n_epochs=1))
     strategy = DIMATStrategy(
@@ -100,8 +149,10 @@ def main() -> None:
     merge = next((c for c in trainer.callbacks if isinstance(c, MergeCallback)), None)
     sent = strategy.all_gather_object(merge.last_bytes_between_processes if merge is not None else 0)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    lag = strategy.all_gather_object({"missing": hold.missing, "before": hold.before, "after": hold.after})
     if trainer.global_rank == 0:
-        torch.save({"states": states, "sent": sent, "metrics": metrics, "exported": exported}, args.output)
+        result = {"states": states, "sent": sent, "metrics": metrics, "exported": exported, "lag": lag}
+        torch.save(result, args.output)
 
 
 if __name__ == "__main__":

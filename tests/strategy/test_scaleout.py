@@ -194,3 +194,27 @@ def test_a_topology_schedule_on_two_processes_gives_the_agents_of_one_process(tm
     assert _max_difference(one["states"], two["states"]) <= 1e-6
     for key in ("comm/bytes_sent", "agent_3/val_acc", "val_acc"):
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key
+
+
+def test_a_deadline_with_every_state_in_time_gives_the_agents_of_one_process(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    result = _run(tmp_path, "deadline", "--devices", "2", "--deadline", "60")
+    assert _max_difference(runs["w1"]["states"], result["states"]) <= 1e-6
+    assert result["metrics"]["merge/missing_neighbours"] == 0
+
+
+def test_a_straggler_past_the_deadline_does_not_block_the_others(tmp_path: Path) -> None:
+    # Ring of 4 on 2 processes (agents 0, 1 | 2, 3). At the first merge rank 1 waits until rank 0 has merged
+    # (no sleep: a store key), so rank 0 can only finish by going on without agents 2 and 3 past its 2-second
+    # deadline; rank 1 then merges with what rank 0 sent in time, and the run goes on to its end.
+    common = ("--method", "average", "--epochs", "2", "--deadline", "2", "--lag")
+    result = _run(tmp_path, "lag", "--devices", "2", *common, timeout=180)
+    rank0, rank1 = result["lag"]
+    assert rank0["missing"] == 2  # agent 0 misses agent 3, agent 1 misses agent 2
+    assert rank1["missing"] == 0
+    # Agent 0's weights are (1/3, 1/3, 1/3) over {3, 0, 1}; without 3 they renormalise to (1/2, 1/2).
+    before, after = rank0["before"], rank0["after"]
+    for name, value in after[0].items():
+        torch.testing.assert_close(value, (before[0][name] + before[1][name]) / 2, atol=1e-6, rtol=0)
+    assert sorted(result["states"]) == [0, 1, 2, 3]
