@@ -113,17 +113,33 @@ def patch(owner: Any, name: str, replacement: Any) -> Callable[[], None]:
     return undo
 
 
+def solver_name() -> str:
+    """What activation matching calls to solve its assignments: ``solve_assignments`` (all of a match,
+    side by side, since the assignments moved off one core) or, in older commits, ``solve_assignment`` (one
+    at a time). Timing the former gives the wall time of all of a match's assignments."""
+    lookup = sys.modules[activation.match_activations.__module__]
+    return "solve_assignments" if hasattr(lookup, "solve_assignments") else "solve_assignment"
+
+
+def identity_solutions(name: str) -> Callable[..., Any]:
+    """A stand-in for the solver ``name`` returning identities (the forward-pass bound solves nothing)."""
+    if name == "solve_assignments":
+        return lambda scores, *args, **kwargs: [torch.arange(score.shape[0]) for score in scores]
+    return lambda score, *args, **kwargs: torch.arange(score.shape[0])
+
+
 def solver_owners() -> list[ModuleType]:
-    """The modules whose global ``solve_assignment`` activation matching may call.
+    """The modules whose global :func:`solver_name` activation matching may call.
 
     ``match_activations`` looks the solver up in its own module's globals (where ``from ... import
-    solve_assignment`` puts it, wherever it is defined); the solver's home module
+    solve_assignments`` puts it, wherever it is defined); the solver's home module
     (``lightning_dimat.permutation.assignment`` once it moved there) is patched too, for code that calls it
     through that module. A wrapper that never fires is caught by :func:`check_lap_calls`.
     """
     owners = []
+    name = solver_name()
     lookup = sys.modules[activation.match_activations.__module__]
-    if hasattr(lookup, "solve_assignment"):
+    if hasattr(lookup, name):
         owners.append(lookup)
     try:
         home = importlib.import_module("lightning_dimat.permutation.assignment")
@@ -131,11 +147,11 @@ def solver_owners() -> list[ModuleType]:
         if error.name != "lightning_dimat.permutation.assignment":
             raise
     else:
-        if home is not lookup and hasattr(home, "solve_assignment"):
+        if home is not lookup and hasattr(home, name):
             owners.append(home)
     if not owners:
         raise RuntimeError(
-            "Cannot find `solve_assignment` where match_activations looks it up: update solver_owners()."
+            f"Cannot find `{name}` where match_activations looks it up: update solver_owners()."
         )
     return owners
 
@@ -143,7 +159,7 @@ def solver_owners() -> list[ModuleType]:
 def check_lap_calls(clock: Clock) -> None:
     if clock.calls.get("lap", 0) == 0:
         raise RuntimeError(
-            "The merge solved no linear assignment through the wrapped `solve_assignment`: the solver moved "
+            f"The merge solved no linear assignment through the wrapped `{solver_name()}`: the solver moved "
             "or is called differently; update solver_owners() so the LAP time is measured."
         )
 
@@ -197,10 +213,7 @@ def forward_bound(
         ),
         patch(activation.Moments, "update", lambda self, x: setattr(self, "count", self.count + 1)),
     ]
-    undo += [
-        patch(owner, "solve_assignment", lambda score, *args, **kwargs: torch.arange(score.shape[0]))
-        for owner in solver_owners()
-    ]
+    undo += [patch(owner, solver_name(), identity_solutions(solver_name())) for owner in solver_owners()]
     try:
         with clock.time("bound"):
             matcher.match(agent, states, batches, spec=spec)
@@ -265,7 +278,7 @@ def main() -> None:
         if repeat % 2 == 0:
             bound = forward_bound(reference, states, batches, matcher, spec, clock)
             load_state_in_place(reference, original)
-        restore = [clock.wrap(owner, "solve_assignment", "lap") for owner in solver_owners()]
+        restore = [clock.wrap(owner, solver_name(), "lap") for owner in solver_owners()]
         restore += [
             clock.wrap(matcher, "match", "match"),
             clock.wrap(activation, "_accumulate", "statistics"),

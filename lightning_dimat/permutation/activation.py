@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
-from lightning_dimat.permutation.assignment import solve_assignment
+from lightning_dimat.permutation.assignment import solve_assignments
 from lightning_dimat.permutation.spec import PermutationSpec
 
 _SINK: ContextVar[Callable[[str, Tensor], None] | None] = ContextVar(
@@ -265,10 +265,12 @@ def match_activations(
         reference.train(was_training)
     if all(moments.count == 0 for moments in own_moments.values()):
         raise ValueError("Activation matching got no data: `inputs` is empty.")
-    return [
-        {
-            group: solve_assignment(stats.correlation(own_moments[group]), identity_bias=identity_bias)
-            for group, stats in per_model.items()
-        }
-        for per_model in statistics
-    ]
+    # Every (model, group) assignment is independent: solved side by side (see solve_assignments).
+    keys = [(index, group) for index, per_model in enumerate(statistics) for group in per_model]
+    scores = [statistics[index][group].correlation(own_moments[group]) for index, group in keys]
+    found: list[dict[str, Tensor]] = [{} for _ in states]
+    for (index, group), permutation in zip(
+        keys, solve_assignments(scores, identity_bias=identity_bias), strict=True
+    ):
+        found[index][group] = permutation
+    return found

@@ -23,6 +23,7 @@ from lightning_dimat.permutation import (
     permutation_spec,
     solve_assignment,
 )
+from lightning_dimat.permutation.assignment import solve_assignments
 
 # ------------------------------------------------------------------------------------ activation matching
 
@@ -118,6 +119,19 @@ def test_solver_without_bias_or_prior_is_the_plain_assignment(seed: int) -> None
         assert torch.equal(solve_assignment(score), expected)
         assert torch.equal(solve_assignment(score, None, 0.0), expected)
         assert torch.equal(solve_assignment(score, torch.zeros_like(score)), expected)
+
+
+def test_assignments_solved_side_by_side_are_those_solved_one_by_one_in_order() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.rand(n, n, generator=generator) for n in (3, 64, 17, 128, 1, 40)]
+    for bias in (0.0, 0.05):
+        expected = [solve_assignment(score, identity_bias=bias) for score in scores]
+        found = solve_assignments(scores, identity_bias=bias)
+        assert len(found) == len(expected)
+        for got, want in zip(found, expected, strict=True):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="NaN or inf"):  # an error in a worker thread reaches the caller
+        solve_assignments([scores[0], torch.full((2, 2), float("nan"))])
 
 
 def test_a_large_identity_bias_returns_the_identity_and_a_small_one_only_breaks_close_calls() -> None:
