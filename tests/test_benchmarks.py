@@ -45,6 +45,7 @@ RUNS = {
     "gpu_check": Run("gpu_check.py"),
     "merge_quality": Run("merge_quality.py"),
     "merge_speed": Run("merge_speed.py"),
+    "network": Run("network.py"),  # a 7-cell digits grid
     "scale": Run("scale.py"),  # a baseline and 2 settings, each its own subprocess
     "overhead": Run("overhead.py", default_output=True),  # also checks where a smoke run saves by default
 }
@@ -58,6 +59,7 @@ KEYS = {
     "exchange": {"benchmark", "agents", "world_size", "state_mb", "per_rank", "ratios_vs_naive"},
     "merge_quality": {"benchmark", "data", "image_size", "model", "epochs", "seconds", "curves"},
     "gpu_check": {"torch", "gpu", "accelerator", *GPU_CHECKS},
+    "network": {"benchmark", "experiment", "commit", "iterations", "cells", "rows"},
     "scale": {
         "benchmark",
         "commit",
@@ -229,3 +231,18 @@ def test_gpu_check_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
         assert result[name]["device_while_training"] == "cpu"
         assert result[name]["all_finite"] is True and result[name]["merge_rounds"] >= 1
     assert isinstance(result["gpu"], str)  # the GPU's name, or "skipped: no GPU"
+
+
+def test_network_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
+    result = _finished(smoke_runs, "network")
+    _check(result, "network")
+    rows = {(row["method"], row["topology"]): row for row in result["rows"]}
+    assert result["cells"] == len(rows) == 7
+    for (method, topology), row in rows.items():
+        assert 0 <= row["accuracy"] <= 100 and row["mb_sent_per_agent"] > 0, (method, topology)
+    # One message per agent and round on the one-peer and matching graphs, two on the ring.
+    assert rows[("wa", "one_peer_exponential")]["bytes_vs_ring_uncompressed"] == pytest.approx(0.5)
+    assert rows[("wa", "random_matching")]["bytes_vs_ring_uncompressed"] == pytest.approx(0.5)
+    assert rows[("wa_int8", "ring")]["compression"] == "int8"
+    assert rows[("wa_int8", "ring")]["bytes_vs_ring_uncompressed"] <= 1 / 3.5
+    assert smoke_runs["network"].result().output.with_suffix(".png").is_file()
