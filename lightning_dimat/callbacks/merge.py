@@ -38,7 +38,7 @@ from lightning_dimat.merge.finite import (
     renormalised,
 )
 from lightning_dimat.merge.inputs import first_input, num_samples
-from lightning_dimat.merge.matchers import Matcher, resolve_matcher
+from lightning_dimat.merge.matchers import AverageMatcher, Matcher, resolve_matcher
 from lightning_dimat.merge.state import copy_holding
 from lightning_dimat.permutation.apply import permute_state
 from lightning_dimat.permutation.cache import spec_for
@@ -55,6 +55,9 @@ from lightning_dimat.validation import (
     check_int,
     check_real,
 )
+
+AVERAGE = AverageMatcher()
+"""The matcher of a round that does not re-match (plain averaging)."""
 
 PARTICIPATION_STREAM = 0x9A27
 """Mixed into the seed of the per-round participation draws (apart from every other stream of the run)."""
@@ -126,6 +129,12 @@ class MergeCallback(Callback):
             renormalise their weights over the agents present; it rejoins at the next round it draws. 1.0
             (default) is every agent every round. The first merge of ``basis="shared"`` (entering the
             basis) takes every agent.
+        rematch_every: with ``basis="shared"``, re-match only every ``rematch_every``-th merge round (counted
+            from the first; the round that enters the basis always aligns); the rounds between are plain
+            averages in the shared basis plus BatchNorm re-estimation — a WA round's cost. ``None`` never
+            re-matches once the basis exists (the same agents as an ``identity_bias`` too large to move any
+            unit, without its forward passes and assignments). 1 (default) re-matches every round. Ignored
+            under ``basis="own"``, where agents hold different bases and every merge must match.
         deadline: with several processes, the seconds a merge waits for the neighbour states held by other
             processes; a state that has not arrived by then is left out of that round (the mixing weights
             renormalised over the states at hand, as for an absent agent) and counted in
@@ -159,6 +168,7 @@ class MergeCallback(Callback):
         final_merge: bool = False,
         compression: str = "none",
         participation: float = 1.0,
+        rematch_every: int | None = 1,
         deadline: float | None = None,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
@@ -172,6 +182,9 @@ class MergeCallback(Callback):
         self.compression = check_compression(compression)
         # (0 is refused: no agent would ever merge)
         self.participation = check_real("participation", participation, 0.0, 1.0, low_open=True)
+        self.rematch_every = (
+            None if rematch_every is None else check_int("rematch_every", rematch_every, minimum=1)
+        )
         self.deadline = (
             None if deadline is None else check_real("deadline", deadline, 0.0, float("inf"), low_open=True)
         )
@@ -279,7 +292,8 @@ class MergeCallback(Callback):
         started = time.perf_counter()
         if self.basis == "shared" and self.matcher.uses_spec and not self.basis_built:
             self.enter_shared_basis(trainer)
-        wants_data = self.matcher.requires_data or self.recompute_batchnorm
+        matcher = self._matcher_this_round()
+        wants_data = matcher.requires_data or self.recompute_batchnorm
         round = strategy.begin_round(
             num_batches=self.num_batches if wants_data else None, index=self.round, ledger=self.ledger
         )
@@ -308,8 +322,8 @@ class MergeCallback(Callback):
             # A non-finite agent is rebuilt from its finite neighbours, in the basis of the first of them.
             module, first = handle.module, order[0]
             reference = module if first == handle.agent_id else copy_holding(module, seen[first])
-            data = handle.batches if self.matcher.requires_data else None
-            if data is not None and self.matcher.runs_neighbours:
+            data = handle.batches if matcher.requires_data else None
+            if data is not None and matcher.runs_neighbours:
                 self.ledger.record_forward(handle.agent_id, len(order) * num_samples(data))
             with handle.activate():
                 new_state, found = merge_into_basis(
@@ -317,7 +331,7 @@ class MergeCallback(Callback):
                     seen[order[0]],
                     [seen[j] for j in order[1:]],
                     row,
-                    self.matcher,
+                    matcher,
                     data,
                     spec=self._spec,
                     forward_context=round.forward_context,
@@ -348,6 +362,14 @@ class MergeCallback(Callback):
             f"{metrics['merge/permuted_fraction']:.0%} of units permuted"
             + (f", {restored} non-finite agent(s) restored" if restored else "")
         )
+
+    def _matcher_this_round(self) -> Matcher:
+        """The round's matcher: plain averaging on the rounds ``rematch_every`` leaves out (shared basis)."""
+        if self.basis != "shared" or not self.matcher.uses_spec or not self.basis_built:
+            return self.matcher
+        if self.rematch_every is not None and self.round % self.rematch_every == 0:
+            return self.matcher
+        return AVERAGE
 
     def _deadline(self) -> Deadline | None:
         """This fit's deadline for a round's exchange (``None``: strict, or one process)."""
@@ -494,6 +516,7 @@ class MergeCallback(Callback):
             "basis": self.basis,
             "compression": self.compression,
             "participation": self.participation,
+            "rematch_every": self.rematch_every,
         }
 
     @override

@@ -23,7 +23,16 @@ import numpy as np
 if TYPE_CHECKING:
     from lightning_dimat.strategy.strategy import DIMATStrategy
 
-RESUME_CHANGES = ("topology", "partition", "seed", "method", "basis", "compression", "participation")
+RESUME_CHANGES = (
+    "topology",
+    "partition",
+    "seed",
+    "method",
+    "basis",
+    "compression",
+    "participation",
+    "rematch_every",
+)
 """What ``resume_changes`` may name: the parts of a run that a resumed run is allowed to change."""
 
 

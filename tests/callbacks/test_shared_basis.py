@@ -131,6 +131,48 @@ def test_an_infinite_identity_bias_is_plain_averaging() -> None:
             assert torch.allclose(biased[agent_id][key], plain[agent_id][key], atol=1e-6), (agent_id, key)
 
 
+class _ForwardsPerRound(MergeCallback):
+    """Records the extra forward samples (matching + BatchNorm) each merge round counted."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.forwards: list[int] = []
+
+    def merge(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        before = sum(self.ledger.state_dict()["forward_samples"].values())
+        super().merge(trainer, pl_module)
+        self.forwards.append(sum(self.ledger.state_dict()["forward_samples"].values()) - before)
+
+
+def test_never_rematching_in_the_shared_basis_is_an_infinite_identity_bias_without_its_forwards() -> None:
+    options = {"every_n_epochs": 1, "num_batches": 2, "basis": "shared"}
+    never = MergeCallback(method="activation", rematch_every=None, **options)
+    biased = MergeCallback(method=ActivationMatcher(identity_bias=1e9), **options)
+    thin, full = _fit([never], max_epochs=3), _fit([biased], max_epochs=3)
+    expected, actual = agent_states(full), agent_states(thin)
+    for agent_id in expected:
+        for key in expected[agent_id]:
+            assert torch.allclose(actual[agent_id][key], expected[agent_id][key], atol=1e-6), (agent_id, key)
+    # Both align once; only the biased one runs its neighbours' forward passes at every round after.
+    thin_forwards = float(thin.callback_metrics["comm/forward_samples"])
+    full_forwards = float(full.callback_metrics["comm/forward_samples"])
+    assert thin_forwards < full_forwards
+
+
+def test_rematch_every_thins_the_rounds_that_match() -> None:
+    options = {"every_n_epochs": 1, "method": "activation", "num_batches": 2, "rematch_every": 2}
+    shared = _ForwardsPerRound(basis="shared", **options)
+    _fit([shared], max_epochs=4)
+    # Rounds 0 and 2 run the neighbours on each agent's data; rounds 1 and 3 only re-estimate BatchNorm.
+    matching, averaging = shared.forwards[0], shared.forwards[1]
+    assert shared.forwards == [matching, averaging, matching, averaging] and averaging < matching
+    own = _ForwardsPerRound(basis="own", **options)  # agents in their own bases must always match
+    _fit([own], max_epochs=2)
+    assert own.forwards == [matching, matching]
+    with pytest.raises(ValueError, match="rematch_every"):
+        MergeCallback(rematch_every=0)
+
+
 def test_resuming_keeps_the_shared_basis_and_the_weights(tmp_path: Path) -> None:
     def run(max_epochs: int, merge: MergeCallback, **fit: Any) -> Trainer:
         checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
