@@ -1,5 +1,5 @@
-"""pytest configuration: W&B offline, the shared helpers importable from every test folder, and a fixture that
-runs a test in a fresh working directory."""
+"""pytest configuration: W&B offline, the shared helpers importable from every test folder, a fixture that
+runs a test in a fresh working directory, and the shared 20-class Tiny ImageNet zip."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ if TESTS not in sys.path:
 def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_zip() -> Path:
+    """The 20-class Tiny ImageNet subset (``../shared/data``); tests that need it are skipped without it."""
+    from helpers import TINY_ZIP
+
+    if not TINY_ZIP.is_file():
+        pytest.skip(f"{TINY_ZIP} is absent (the 20-class Tiny ImageNet subset, see shared/data/README.md)")
+    return TINY_ZIP

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_ZIP
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
@@ -259,13 +258,6 @@ def test_cifar_md5_check_is_on_by_default(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- Tiny ImageNet: the 20-class zip
-@pytest.fixture(scope="module")
-def tiny_zip() -> Path:
-    if not TINY_ZIP.is_file():
-        pytest.skip(f"{TINY_ZIP} is absent (the 20-class Tiny ImageNet subset, see shared/data/README.md)")
-    return TINY_ZIP
-
-
 @pytest.fixture(scope="module")
 def tiny20(tiny_zip: Path) -> TinyImageNetDataModule:
     data = TinyImageNetDataModule(str(tiny_zip), batch_size=8, num_workers=2)

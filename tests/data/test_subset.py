@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TINY_ZIP
 from PIL import Image
 
 from lightning_dimat.console import main as console_main
@@ -329,13 +328,6 @@ def test_cli_errors(synthetic_zip: Path, tmp_cwd: Path, capsys: pytest.CaptureFi
 
 
 # --------------------------------------------------------------------------- the shared 20-class zip
-@pytest.fixture(scope="module")
-def tiny_zip() -> Path:
-    if not TINY_ZIP.is_file():
-        pytest.skip(f"{TINY_ZIP} is absent (the 20-class Tiny ImageNet subset, see shared/data/README.md)")
-    return TINY_ZIP
-
-
 @pytest.fixture(scope="module")
 def three(tiny_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> SubsetInfo:
     return build_tiny_imagenet_subset(tiny_zip, tmp_path_factory.mktemp("subset") / "tiny-imagenet-3.zip", 3)
