@@ -42,7 +42,8 @@ def test_quickstart_yaml_run_writes_plot_and_test_table(
 
 
 def test_a_run_without_a_logger_writes_no_config_into_the_current_directory(tmp_cwd: Path) -> None:
-    main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *SHORT, "--trainer.logger=false"])
+    tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
+    main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *tiny, "--trainer.logger=false"])
     assert not (tmp_cwd / "config.yaml").exists()
 
 
