@@ -104,19 +104,14 @@ def test_checkpoints_move_between_process_counts(runs: dict[str, Any]) -> None:
     assert runs["w1_to_w2"]["metrics"]["merge/missing_neighbours"] == 0  # (with a deadline all came in time)
 
 
-def test_fully_connected_uses_one_all_gather_and_uneven_placement_works(tmp_path: Path) -> None:
+def test_fully_connected_uses_one_all_gather(tmp_path: Path) -> None:
+    # (Uneven placement, 3 + 2 agents, is the shared-basis test's: its exchanges cross it both ways.)
     fc = ("--topology", "fully_connected", "--epochs", "2")
-    uneven = ("--agents", "5", "--epochs", "2")
-    done = _run_together(
-        tmp_path,
-        {"fc1": ("--devices", "1", *fc), "fc2": ("--devices", "2", *fc), "u1": ("--devices", "1", *uneven)},
-    )
+    done = _run_together(tmp_path, {"fc1": ("--devices", "1", *fc), "fc2": ("--devices", "2", *fc)})
     fc_1, fc_2 = done["fc1"], done["fc2"]
     assert _max_difference(fc_1["states"], fc_2["states"]) <= 1e-6
     state_bytes = sum(t.numel() * t.element_size() for t in fc_1["states"][0].values())
     assert fc_2["sent"] == [2 * state_bytes, 2 * state_bytes]  # all-gather: each process's 2 agents, once
-    uneven_2 = _run(tmp_path, "u2", "--devices", "2", *uneven)
-    assert _max_difference(done["u1"]["states"], uneven_2["states"]) <= 1e-6
 
 
 def test_the_shared_basis_on_two_processes_gives_the_agents_of_one_process(tmp_path: Path) -> None:
