@@ -27,8 +27,10 @@ demo: $(STAMP)
 	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml --config configs/local_only.yaml
 	$(BIN)/python examples/compare_runs.py outputs/quickstart outputs/quickstart_local
 
+# Two workers, one test file each at a time (a file's module fixtures are built once), one torch thread each:
+# both cores stay busy while a test waits on its subprocesses, and two workers do not fight over them.
 test: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 WANDB_MODE=offline $(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

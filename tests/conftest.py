@@ -1,5 +1,6 @@
 """pytest configuration: W&B offline, the shared helpers importable from every test folder, a fixture that
-runs a test in a fresh working directory, and the shared 20-class Tiny ImageNet zip."""
+runs a test in a fresh working directory, the shared 20-class Tiny ImageNet zip, and the longest test files
+collected first."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ os.environ.setdefault("WANDB_SILENT", "true")
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
+
+
+# The files whose subprocesses take most of the suite's time start first: `make test` runs two workers, a
+# file at a time each, and a long file picked up last would leave one worker idle at the end.
+LONGEST_FILES = ("tests/strategy/test_scaleout.py", "tests/test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FILES)  # (stable: order kept)
 
 
 @pytest.fixture
