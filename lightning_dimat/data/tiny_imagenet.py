@@ -384,7 +384,14 @@ class TinyImageNetDataModule(SplitDataModule):
     def missing_data(self) -> str | None:
         """What is missing for this data module to load (``None``: nothing), without reading any image."""
         path = Path(os.path.expanduser(self.data_dir))
-        return None if path.exists() else f"Tiny ImageNet not found at '{path}' (expected a folder or .zip)"
+        if path.exists():
+            return None
+        return (
+            f"Tiny ImageNet not found at '{path}' (expected a folder or .zip): download "
+            "tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) and set data_dir to "
+            "it, or build a subset of its first N classes there: `lightning-dimat data tiny-imagenet "
+            f"tiny-imagenet-200.zip --classes N --output {path}`"
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Indexes both splits (labels only; images are read per item) and builds the three sets."""
