@@ -1,10 +1,12 @@
-"""Pieces shared by the benchmark scripts: an epoch clock, a quiet Trainer, ``--smoke`` and ``--output``."""
+"""Pieces shared by the benchmark scripts: an epoch clock, a quiet Trainer, ``--smoke`` and ``--output``, and
+the measured code's commit in every saved JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +16,31 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+import lightning_dimat
+
 RESULTS = Path(__file__).parent / "results"
+
+
+def measured_code() -> dict[str, Any]:
+    """Where ``lightning_dimat`` was imported from, its checkout's commit and subject, and uncommitted changes
+    to the package (``unknown`` outside a git checkout)."""
+    folder = Path(lightning_dimat.__file__).resolve().parent
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", "-C", str(folder), *command], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    return {
+        "package": str(folder),
+        "commit": git("rev-parse", "HEAD"),
+        "commit_subject": git("log", "-1", "--format=%s")[:200],
+        "uncommitted": git("status", "--porcelain", "--", ".").splitlines(),
+    }
+
+
+# Taken when a benchmark starts (it imports this module first), not when it saves: a run that outlasts a
+# commit records the code it measured.
+MEASURED_CODE = measured_code()
 
 SMOKE_HELP = (
     "tiny sizes on the CPU (seconds, 1 repeat, random data where the real data would be slow): checks that "
@@ -90,7 +116,10 @@ def output_path(args: argparse.Namespace, default: Path, name: str) -> Path:
 
 
 def save_json(result: Mapping[str, Any], path: Path) -> None:
-    """Writes ``result`` as indented JSON to ``path`` (creating its folder) and says where."""
+    """Writes ``result`` as indented JSON to ``path`` (creating its folder), with ``measured_code`` (the
+    package's commit when the benchmark started) unless it has one, and says where."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(
+        json.dumps({**result, "measured_code": result.get("measured_code", MEASURED_CODE)}, indent=2)
+    )
     print(f"saved {path}", flush=True)

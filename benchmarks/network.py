@@ -242,7 +242,9 @@ def smoke_experiment(folder: Path) -> Path:
 
 
 def commit() -> str:
-    """The measured code's commit (``unknown`` outside a git checkout)."""
+    """The checkout's commit when the report is written (``unknown`` outside a git checkout). Cells that an
+    earlier run left in the cache ran the code of their own day: with ``--report-only`` this is the report's
+    commit, not theirs."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True

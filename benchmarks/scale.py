@@ -50,11 +50,10 @@ from typing import Any
 
 import lightning
 import torch
-from common import RESULTS, output_path, parse_args, quiet_trainer, save_json
+from common import MEASURED_CODE, RESULTS, output_path, parse_args, quiet_trainer, save_json
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_dimat
 import lightning_dimat.callbacks.merge as merge_module
 import lightning_dimat.strategy.export as export_module
 import lightning_dimat.strategy.rounds as rounds_module
@@ -566,22 +565,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def _package() -> dict[str, Any]:
-    """Where ``lightning_dimat`` was imported from, its checkout's commit, and uncommitted changes to it."""
-    folder = Path(lightning_dimat.__file__).resolve().parent
-
-    def git(*command: str) -> str:
-        done = subprocess.run(["git", "-C", str(folder), *command], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-    return {
-        "package": str(folder),
-        "commit": git("rev-parse", "HEAD"),
-        "commit_subject": git("log", "-1", "--format=%s")[:200],
-        "uncommitted": git("status", "--porcelain", "--", ".").splitlines(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -685,7 +668,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
-        **_package(),
+        **MEASURED_CODE,
         "model": "ResNet-20 (lightning_dimat.models.ImageClassifier), 20 classes, Adam lr 1e-3",
         "data": "random 3x32x32 images, 20 classes, IID shards, batch 32",
         "protocol": "ring, 2 epochs, MergeCallback(every_n_epochs=2, num_batches=4, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,8 @@ def _check(result: dict[str, Any], benchmark: str) -> None:
     assert keys <= set(result), f"missing keys: {sorted(keys - set(result))}"
     if "benchmark" in keys:
         assert result["benchmark"] == benchmark
+    if benchmark != "network":  # (the commit it measured, taken when it started; network.py: its report's)
+        assert re.fullmatch(r"[0-9a-f]{40}|unknown", result["measured_code"]["commit"])
     numbers = list(_numbers(result))
     assert numbers, "the result holds no numbers"
     bad = [where for where, number in numbers if not math.isfinite(number)]
