@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -34,6 +33,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import MEASURED_CODE  # noqa: E402
 
 from lightning_dimat.experiment import (  # noqa: E402
     Experiment,
@@ -241,18 +242,6 @@ def smoke_experiment(folder: Path) -> Path:
     return path
 
 
-def commit() -> str:
-    """The checkout's commit when the report is written (``unknown`` outside a git checkout). Cells that an
-    earlier run left in the cache ran the code of their own day: with ``--report-only`` this is the report's
-    commit, not theirs."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -286,7 +275,9 @@ def main() -> None:
         if config.resolve().is_relative_to(ROOT)
         else config.name,
         "overrides": args.overrides,
-        "commit": commit(),
+        # The commit when this script started: the code of the cells it ran (its workers import it then);
+        # cells an earlier run left in the cache ran their own day's code, and --report-only runs none.
+        "commit": MEASURED_CODE["commit"][:7],
         "iterations": experiment.iterations,
         "epochs_per_merge": experiment.epochs_per_merge,
         "cells": len(results),

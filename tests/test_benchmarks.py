@@ -152,7 +152,7 @@ def _check(result: dict[str, Any], benchmark: str) -> None:
     assert keys <= set(result), f"missing keys: {sorted(keys - set(result))}"
     if "benchmark" in keys:
         assert result["benchmark"] == benchmark
-    if benchmark != "network":  # (the commit it measured, taken when it started; network.py: its report's)
+    if benchmark != "network":  # (the commit it measured, when it started; network.py: a short "commit")
         assert re.fullmatch(r"[0-9a-f]{40}|unknown", result["measured_code"]["commit"])
     numbers = list(_numbers(result))
     assert numbers, "the result holds no numbers"
