@@ -24,6 +24,9 @@ Saves ``benchmarks/results/scale.json`` and a plot beside it (``.png``).
     python benchmarks/scale.py --smoke      # N = 2, 3 at width 1, 1 batch, average: meaningless numbers
     python benchmarks/scale.py --replot     # redraw the plot of the saved JSON
 
+``--release-memory off`` measures without handing freed heap memory back after each agent's backward
+(``DIMATStrategy(release_memory=False)``; default ``auto``: on, on CPU under glibc).
+
 ``--before`` embeds an earlier run's JSON (e.g. of an older commit, imported with ``PYTHONPATH``) and plots
 it dashed. Settings predicted (from the smaller N) to peak above ``--max-predicted-gb`` are skipped, and a
 watchdog ends one whose resident memory passes ``--memory-limit-gb``.
@@ -68,6 +71,7 @@ MIB = 2**20
 RESULT_MARK = "SCALE_RESULT "
 OVER_LIMIT_EXIT = 3
 EXTRAPOLATE_TO = 1000
+RELEASE_MEMORY: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
 
 SMOKE = {
     "widths": "1",
@@ -268,7 +272,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         (export_module, "recompute_batchnorm", "batchnorm"),
     ):
         _instrument(owner, name, label, phases)
-    strategy = DIMATStrategy(num_agents=agents, topology="ring", partition="iid", export="consensus")
+    strategy = DIMATStrategy(
+        num_agents=agents,
+        topology="ring",
+        partition="iid",
+        export="consensus",
+        release_memory=RELEASE_MEMORY[spec.get("release_memory", "auto")],
+    )
     trainer = quiet_trainer(
         "cpu",
         2,
@@ -354,7 +364,12 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Measures ``spec`` in a subprocess; its result, or ``{"error": ...}``."""
-    spec = {**spec, "threads": args.threads, "memory_limit_mib": args.memory_limit_gb * 1024}
+    spec = {
+        **spec,
+        "threads": args.threads,
+        "memory_limit_mib": args.memory_limit_gb * 1024,
+        "release_memory": args.release_memory,
+    }
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     started = time.perf_counter()
     done = subprocess.run(
@@ -598,6 +613,12 @@ def main() -> None:
         "--repeats", type=int, default=1, help="times are medians over repeats; memory: repeat 1"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each measured process")
+    parser.add_argument(
+        "--release-memory",
+        choices=sorted(RELEASE_MEMORY),
+        default="auto",
+        help="DIMATStrategy(release_memory=...): freed heap handed back after each agent's backward",
+    )
     parser.add_argument("--share-agents", type=int, default=5, help="N of the merge-share run (width 1)")
     parser.add_argument("--share-images", type=int, default=200, help="its images per agent (0: no such run)")
     parser.add_argument(
@@ -674,6 +695,7 @@ def main() -> None:
         "protocol": "ring, 2 epochs, MergeCallback(every_n_epochs=2, num_batches=4, "
         "optimizer_state='reset'), export='consensus', no validation",
         "threads": args.threads,
+        "release_memory": args.release_memory,
         "environment": {
             key: value
             for key, value in sorted(os.environ.items())

@@ -214,6 +214,7 @@ def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
     ]
     for setting in settings:
         assert setting["merged_before_epoch_end"] is True  # the merge ran inside epoch 1, before its end
+        assert setting["release_memory"] == "auto"  # (the strategy's default, recorded per setting)
         assert setting["peak_mib"] >= setting["train_peak_mib"] > 0 and setting["merge_s"] > 0
         assert {"fit/epoch0", "fit/epoch1/merge", "fit/epoch1/merge/commit", "fit/export"} <= set(
             setting["phases"]

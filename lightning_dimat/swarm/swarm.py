@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
+import lightning_dimat.swarm.heap as heap
 from lightning_dimat.merge.state import copy_holding
 from lightning_dimat.swarm.checkpoints import AgentCheckpointHooks
 from lightning_dimat.swarm.loaders import AgentBatch
@@ -74,6 +75,8 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
         self.gradient_clip_val: float | None = None
         self.gradient_clip_algorithm: str | None = None
         self.accumulate_grad_batches = 1
+        self.release_heap_after_backward = False
+        """Hand freed heap memory back after each agent's backward (see :mod:`lightning_dimat.swarm.heap`)."""
         # Bound methods and partials rather than closures: a copy of the swarm gets a router of its own.
         self.router = AgentLogRouter(
             log=self.log,
@@ -240,6 +243,8 @@ class AgentSwarm(AgentBatchTransferHooks, AgentCheckpointHooks):
                     self.manual_backward(loss.float() / self.accumulate_grad_batches)
                 finally:
                     self._backward_agent = None
+                if self.release_heap_after_backward:  # (its activations are freed: keep the peak at one's)
+                    heap.release_freed_heap()
         self.router.flush()
         if (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
             # (A mixed-precision scaler may skip the step on inf gradients; schedulers step regardless,
