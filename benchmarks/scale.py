@@ -24,8 +24,9 @@ Saves ``benchmarks/results/scale.json`` and a plot beside it (``.png``).
     python benchmarks/scale.py --smoke      # N = 2, 3 at width 1, 1 batch, average: meaningless numbers
     python benchmarks/scale.py --replot     # redraw the plot of the saved JSON
 
-``--release-memory off`` measures without handing freed heap memory back after each agent's backward
-(``DIMATStrategy(release_memory=False)``; default ``auto``: on, on CPU under glibc).
+``--release-memory on`` hands freed heap memory back after each agent's backward
+(``DIMATStrategy(release_memory=True)``), ``off`` never; the default, ``auto``, from 32 agents on (each
+setting records ``released_heap``).
 
 ``--before`` embeds an earlier run's JSON (e.g. of an older commit, imported with ``PYTHONPATH``) and plots
 it dashed. Settings predicted (from the smaller N) to peak above ``--max-predicted-gb`` are skipped, and a
@@ -301,6 +302,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "batches_per_agent": batches,
         "resets": phases.resets,
         "merged_before_epoch_end": probe.merged_before_epoch_end,
+        "released_heap": strategy.swarm.release_heap_after_backward,
         "peak_mib": phases.overall / 1024,
         "hwm_after_epoch0_mib": probe.marks["after_epoch0"] / 1024,
         "hwm_after_merge_mib": probe.marks["after_merge"] / 1024,
@@ -422,6 +424,7 @@ def summarise(spec: dict[str, Any], rows: list[dict[str, Any]], baseline_mib: fl
     return {
         **spec,
         "batches_per_agent": first["batches_per_agent"],
+        "released_heap": first["released_heap"],
         "model_mib": first["model_mib"],
         "data_mib": first["data_mib"],
         "peak_mib": first["peak_mib"],
@@ -670,7 +673,9 @@ def main() -> None:
                 flush=True,
             )
             continue
-        entry = summarise(spec, rows, baselines[spec["width"]]["peak_mib"])
+        entry = summarise(
+            {**spec, "release_memory": args.release_memory}, rows, baselines[spec["width"]]["peak_mib"]
+        )
         settings.append(entry)
         print(
             f"N={spec['agents']:4d} width {spec['width']} {spec['method']:10s}: "

@@ -179,7 +179,8 @@ def test_overhead_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
     done.output.unlink()
     _check(result, "overhead")
     assert result["median_ratio"] > 0
-    assert {"dimat_s", "plain_s", "ratio"} <= set(result["repeats"][0])
+    assert {"dimat_s", "plain_s", "dimat_released_s", "ratio", "release_cost"} <= set(result["repeats"][0])
+    assert result["median_release_cost"] > 0
 
 
 def test_exchange_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
@@ -215,6 +216,7 @@ def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
     for setting in settings:
         assert setting["merged_before_epoch_end"] is True  # the merge ran inside epoch 1, before its end
         assert setting["release_memory"] == "auto"  # (the strategy's default, recorded per setting)
+        assert setting["released_heap"] is False  # (2 and 3 agents: "auto" keeps the memory)
         assert setting["peak_mib"] >= setting["train_peak_mib"] > 0 and setting["merge_s"] > 0
         assert {"fit/epoch0", "fit/epoch1/merge", "fit/epoch1/merge/commit", "fit/export"} <= set(
             setting["phases"]

@@ -113,8 +113,9 @@ class DIMATStrategy(DDPStrategy):
             ``DataLoader`` are seeded per agent either way.
         release_memory: hand the heap memory freed by each agent's backward back to the operating system
             before the next agent's forward (glibc's ``malloc_trim``), so that resident memory grows by about
-            an agent's live tensors per agent, not by the allocator's leftovers (docs/scale.md). ``"auto"``:
-            when the agents train on CPU under glibc (Linux); ``True`` refuses a platform without it.
+            an agent's live tensors per agent, not by the allocator's leftovers (docs/scale.md: 8.2 instead of
+            13.5 MiB per ResNet-20 ×1 agent), at 11–14 % of training time. ``"auto"``: when 32 or more agents
+            train on CPU in this process under glibc (Linux); ``True`` refuses a platform without it.
             Training is unchanged bit for bit.
 
     Examples:
@@ -285,7 +286,9 @@ class DIMATStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
             assert self.swarm is not None
-            self.swarm.release_heap_after_backward = heap_release_mode(self.release_memory, self.root_device)
+            self.swarm.release_heap_after_backward = heap_release_mode(
+                self.release_memory, self.root_device, len(self.swarm.agent_ids)
+            )
 
     @property
     @override
