@@ -75,3 +75,12 @@ def test_true_is_refused_where_the_platform_cannot_release(monkeypatch: pytest.M
         DIMATStrategy(num_agents=2, release_memory=True)
     assert DIMATStrategy(num_agents=2, release_memory="auto").release_memory == "auto"
     assert heap.heap_release_mode("auto", torch.device("cpu"), local_agents=1000) is False
+
+
+def test_yaml_names_the_option() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(DIMATStrategy, "strategy")
+    for text, value in (("auto", "auto"), ("true", True), ("false", False)):
+        assert parser.parse_args(["--strategy.release_memory", text]).strategy.release_memory == value
