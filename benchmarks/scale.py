@@ -361,17 +361,12 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "images_per_agent": args.share_images,
             }
             settings.append({**share, "share_run": True})
-    return settings
+    return [{**setting, "release_memory": args.release_memory} for setting in settings]
 
 
 def run_one(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Measures ``spec`` in a subprocess; its result, or ``{"error": ...}``."""
-    spec = {
-        **spec,
-        "threads": args.threads,
-        "memory_limit_mib": args.memory_limit_gb * 1024,
-        "release_memory": args.release_memory,
-    }
+    spec = {**spec, "threads": args.threads, "memory_limit_mib": args.memory_limit_gb * 1024}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     started = time.perf_counter()
     done = subprocess.run(
@@ -673,9 +668,7 @@ def main() -> None:
                 flush=True,
             )
             continue
-        entry = summarise(
-            {**spec, "release_memory": args.release_memory}, rows, baselines[spec["width"]]["peak_mib"]
-        )
+        entry = summarise(spec, rows, baselines[spec["width"]]["peak_mib"])
         settings.append(entry)
         print(
             f"N={spec['agents']:4d} width {spec['width']} {spec['method']:10s}: "

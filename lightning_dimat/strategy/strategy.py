@@ -113,7 +113,7 @@ class DIMATStrategy(DDPStrategy):
             ``DataLoader`` are seeded per agent either way.
         release_memory: hand the heap memory freed by each agent's backward back to the operating system
             before the next agent's forward (glibc's ``malloc_trim``), so that resident memory grows by about
-            an agent's live tensors per agent, not by the allocator's leftovers (docs/scale.md: 8.2 instead of
+            an agent's live tensors per agent, not by the allocator's leftovers (docs/scale.md: 8.4 instead of
             13.5 MiB per ResNet-20 ×1 agent), at 11–14 % of training time. ``"auto"``: when 32 or more agents
             train on CPU in this process under glibc (Linux); ``True`` refuses a platform without it.
             Training is unchanged bit for bit.

@@ -5,7 +5,7 @@ next to tensors that live on (the gradients written during the backward). When t
 glibc keeps their pages, and the next agent's activations do not fit exactly into the holes, so resident
 memory grows with every agent beyond its live data (docs/scale.md: 13.5 MiB per agent of ResNet-20 ×1 whose
 weights, gradients and Adam moments are 4.2 MiB). ``malloc_trim(0)`` after each agent's backward returns the
-freed pages, and the peak stays near the live data: 8.2 MiB per agent instead of 13.5 (N = 5 → 100).
+freed pages, and the peak stays near the live data: 8.4 MiB per agent instead of 13.5 (N = 5 → 100).
 
 It costs time: the next forward faults its pages in again (11–14 % of a training step measured on CPU,
 docs/scale.md), while the memory saved is about 5 MiB per agent — a few percent of the process with a
