@@ -79,10 +79,14 @@ class _RecordingMerge(MergeCallback):
 
 
 def _fit(
-    callbacks: list[Callback], max_epochs: int = 1, lr: float = 0.1, partition: str = "by_class"
+    callbacks: list[Callback],
+    max_epochs: int = 1,
+    lr: float = 0.1,
+    partition: str = "by_class",
+    agent_init: str = "copy",
 ) -> Trainer:
     trainer = make_trainer(
-        strategy=DIMATStrategy(num_agents=6, topology="ring", partition=partition, agent_init="copy"),
+        strategy=DIMATStrategy(num_agents=6, topology="ring", partition=partition, agent_init=agent_init),
         callbacks=callbacks,
         max_epochs=max_epochs,
     )
@@ -117,6 +121,30 @@ def test_in_their_own_bases_permuted_copies_keep_permuting_every_merge() -> None
     merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, basis="own")
     trainer = _fit([_PermuteAgentsAtStart(), merge], lr=0.0)
     assert float(trainer.callback_metrics["merge/permuted_fraction"]) > 0.5
+
+
+def test_at_identity_bias_0_the_shared_basis_gives_the_own_bases_functions() -> None:
+    # Matching is equivariant: re-matching at λ = 0 picks, in the shared basis, the same units the own basis
+    # picks (relabelled), so every agent computes the same function under both — only the labels differ.
+    # What a shared basis changes comes from λ > 0 or rematch_every (tested above and below).
+    def fit(basis: str) -> Trainer:
+        merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, basis=basis)
+        return _fit([merge], max_epochs=3, agent_init="reinit")  # agents initialised independently
+
+    own, shared = fit("own"), fit("shared")
+    assert float(own.callback_metrics["merge/permuted_fraction"]) > 0.5  # own bases: re-permuted every round
+    largest = 0.0
+    for agent_id, agent in own.strategy.swarm.items():
+        twin = shared.strategy.swarm.agent(agent_id)
+        with torch.no_grad():
+            largest = max(largest, float((agent.eval()(PROBE) - twin.eval()(PROBE)).abs().max()))
+    assert largest <= 1e-4
+    different_weights = [
+        agent_id
+        for agent_id, agent in own.strategy.swarm.items()
+        if not torch.allclose(agent.net[0].weight, shared.strategy.swarm.agent(agent_id).net[0].weight)
+    ]
+    assert different_weights  # the same functions in different bases, not the same run twice
 
 
 def test_an_infinite_identity_bias_is_plain_averaging() -> None:
