@@ -339,7 +339,7 @@ class _SmallCNN(TinyNet):
 @pytest.mark.parametrize("method", ["activation", "weight", "average"])
 def test_each_agent_merges_its_neighbours_aligned_by_the_method_on_its_own_data(method: str) -> None:
     snapshots = _Snapshots()
-    merge = MergeCallback(every_n_epochs=1, method=method, num_batches=2)
+    merge = MergeCallback(every_n_epochs=1, method=method, num_batches=2, basis="own")
     trainer = make_trainer(strategy=DIMATStrategy(num_agents=3), callbacks=[snapshots, merge], max_epochs=1)
     trainer.fit(_SmallCNN(), datamodule=BlobsData())
     before, strategy = snapshots.before[-1], trainer.strategy
@@ -421,10 +421,21 @@ def test_a_checkpoint_written_by_version_0_1_resumes_to_the_weights_version_0_1_
     assert merge.merged_epochs == [1, 3] and merge.round == 2
 
 
-def _resume_version_0_1_fixture() -> Trainer:
+def test_resuming_version_0_1_with_todays_default_basis_is_refused_naming_it() -> None:
+    # Version 0.1 had no basis option: its agents stayed in their own bases and re-matched every round.
     trainer = make_trainer(
         strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class"),
         callbacks=[MergeCallback(every_n_epochs=2, method="activation", num_batches=2)],
+        max_epochs=4,
+    )
+    with pytest.raises(ValueError, match=r"basis \(checkpoint: 'own', this run: 'shared'\).*resume_changes"):
+        trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=FIXTURES / "dimat_v0_1_epoch2.ckpt")
+
+
+def _resume_version_0_1_fixture() -> Trainer:
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class"),
+        callbacks=[MergeCallback(every_n_epochs=2, method="activation", num_batches=2, basis="own")],
         max_epochs=4,
     )
     trainer.fit(

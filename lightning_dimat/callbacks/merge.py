@@ -8,7 +8,6 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import networkx as nx
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -32,8 +31,8 @@ from lightning_dimat.merge.finite import (
     ON_NONFINITE,
     NonFiniteAgentError,
     check_states,
+    is_finite_state,
     no_finite_neighbour,
-    nonfinite_agents,
     nonfinite_message,
     renormalised,
 )
@@ -46,7 +45,7 @@ from lightning_dimat.permutation.shared_basis import basis_permutations, moved_f
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.strategy import DIMATStrategy, MergeRound
 from lightning_dimat.strategy.run_identity import differences, refuse_differences
-from lightning_dimat.topology import Topology
+from lightning_dimat.topology import MIXING_RULES, Topology
 from lightning_dimat.validation import (
     check_bool,
     check_choice,
@@ -59,6 +58,10 @@ from lightning_dimat.validation import (
 AVERAGE = AverageMatcher()
 """The matcher of a round that does not re-match (plain averaging)."""
 
+SETTINGS_BEFORE_THEY_WERE_RECORDED: dict[str, Any] = {"basis": "own", "rematch_every": 1}
+"""How a checkpoint that does not record a setting ran: written before the option existed, it ran as the
+package did then (own bases, re-matching every round)."""
+
 PARTICIPATION_STREAM = 0x9A27
 """Mixed into the seed of the per-round participation draws (apart from every other stream of the run)."""
 
@@ -68,17 +71,22 @@ class MergeCallback(Callback):
 
     The merge runs right after the last training batch of every ``every_n_epochs``-th epoch, *before*
     that epoch's validation, so logged validation metrics of a merge epoch are post-merge (what the paper
-    plots). All agents merge synchronously from the pre-merge weights. Each agent aligns its neighbours
-    into its own basis on its own data (P_ii = I, so its optimizer state stays valid), then its BatchNorm
-    statistics are re-estimated on the same ``num_batches`` batches of its own shard.
+    plots). All agents merge synchronously from the pre-merge weights. In a round that matches, each agent
+    aligns its neighbours into its own basis on its own data (P_ii = I, so its optimizer state stays
+    valid); in every round its BatchNorm statistics are re-estimated on the same ``num_batches`` batches
+    of its own shard.
 
-    **Bases.** With ``basis="own"`` (the paper's DIMAT) agents never share a basis: every merge pays the full
-    matching loss. With ``basis="shared"``, before the first merge every agent is brought into the basis of
-    agent ``root`` once: it aligns itself to its parent in a breadth-first spanning tree of the topology (on
-    its own data, with its parent's weights) and composes those permutations along its path to the root (only
-    tree neighbours' weights and permutation indices are exchanged); its optimizer state is permuted with
-    it, so its function and its next step do not change. Later merges re-match as usual, and the matcher's
-    ``identity_bias`` decides how far a unit must beat staying in place to move. The shared basis is kept in
+    **Bases.** By default (``basis="shared"``), before the first merge every agent is brought into the
+    basis of agent ``root`` once: it aligns itself to its parent in a breadth-first spanning tree of the
+    topology (on its own data, with its parent's weights) and composes those permutations along its path to
+    the root (only tree neighbours' weights and permutation indices are exchanged); its optimizer state is
+    permuted with it, so its function and its next step do not change. After that, by default
+    (``rematch_every=None``), merges are plain averages in the shared basis plus BatchNorm re-estimation:
+    DIMAT aligned once, then averaged — the best DIMAT setting on the CPU protocol (docs/results.md), at a
+    WA round's cost.
+    ``rematch_every=k`` re-matches every k-th round, with the matcher's ``identity_bias`` deciding how far a
+    unit must beat staying in place to move. ``basis="own"`` is the paper's DIMAT: agents never share a basis
+    and every merge aligns every neighbour into the merging agent's own basis. The shared basis is kept in
     checkpoints. Matchers without permutations (``"average"``) need no basis.
 
     **Non-finite agents.** Before each merge every received state is checked: an agent holding NaN or
@@ -86,6 +94,7 @@ class MergeCallback(Callback):
     finite agents) and is itself rebuilt from its finite neighbours (in the first one's basis, optimizer
     state reset), with a warning naming the agent, epoch and step — or, with ``on_nonfinite="raise"``, the
     merge raises :class:`~lightning_dimat.merge.NonFiniteAgentError`. Logged as ``merge/nonfinite_agents``.
+    The shared basis is built around such agents (a NaN root hands the basis to the nearest finite agent).
 
     Logged at each merge: ``merge/round``, ``merge/time_s``, ``merge/bytes`` (the bytes of the neighbour
     states all agents received in this merge, every agent counted as its own machine: what the algorithm
@@ -113,8 +122,8 @@ class MergeCallback(Callback):
         optimizer_state: ``"keep"`` each agent's optimizer state (momentum, Adam moments) across a merge —
             valid because an agent keeps its own basis (P_ii = I) — or ``"reset"`` it after every merge, as
             the official DIMAT code does by re-creating its optimizer each round.
-        basis: ``"own"`` (paper-faithful: every agent stays in its own basis) or ``"shared"`` (all agents
-            brought into one basis before the first merge).
+        basis: ``"shared"`` (all agents brought into one basis before the first merge) or ``"own"`` (the
+            paper's DIMAT: every agent stays in its own basis and every merge re-matches).
         root: the agent whose basis becomes the shared one.
         on_nonfinite: ``"restore"`` a non-finite agent from its neighbours (and leave it out of theirs), or
             ``"raise"``.
@@ -129,12 +138,12 @@ class MergeCallback(Callback):
             renormalise their weights over the agents present; it rejoins at the next round it draws. 1.0
             (default) is every agent every round. The first merge of ``basis="shared"`` (entering the
             basis) takes every agent.
-        rematch_every: with ``basis="shared"``, re-match only every ``rematch_every``-th merge round (counted
+        rematch_every: with ``basis="shared"``, re-match every ``rematch_every``-th merge round (counted
             from the first; the round that enters the basis always aligns); the rounds between are plain
-            averages in the shared basis plus BatchNorm re-estimation — a WA round's cost. ``None`` never
-            re-matches once the basis exists (the same agents as an ``identity_bias`` too large to move any
-            unit, without its forward passes and assignments). 1 (default) re-matches every round. Ignored
-            under ``basis="own"``, where agents hold different bases and every merge must match.
+            averages in the shared basis plus BatchNorm re-estimation — a WA round's cost. ``None``
+            (default) never re-matches once the basis exists (the same agents as an ``identity_bias`` too
+            large to move any unit, without its forward passes and assignments); 1 re-matches every round.
+            Ignored under ``basis="own"``, where agents hold different bases and every merge must match.
         deadline: with several processes, the seconds a merge waits for the neighbour states held by other
             processes; a state that has not arrived by then is left out of that round (the mixing weights
             renormalised over the states at hand, as for an absent agent) and counted in
@@ -162,13 +171,13 @@ class MergeCallback(Callback):
         recompute_batchnorm: bool = True,
         spec: PermutationSpec | None = None,
         optimizer_state: Literal["keep", "reset"] = "keep",
-        basis: Literal["own", "shared"] = "own",
+        basis: Literal["own", "shared"] = "shared",
         root: int = 0,
         on_nonfinite: Literal["restore", "raise"] = "restore",
         final_merge: bool = False,
         compression: str = "none",
         participation: float = 1.0,
-        rematch_every: int | None = 1,
+        rematch_every: int | None = None,
         deadline: float | None = None,
     ) -> None:
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
@@ -398,31 +407,27 @@ class MergeCallback(Callback):
         return f"merge after epoch {trainer.current_epoch}, step {trainer.global_step}"
 
     def enter_shared_basis(self, trainer: Trainer) -> None:
-        """Brings every agent into agent ``root``'s basis, with its optimizer state (see the class doc)."""
+        """Brings every agent into agent ``root``'s basis, with its optimizer state (see the class doc).
+
+        Agents whose weights are not finite cannot be aligned: with ``on_nonfinite="restore"`` the tree
+        goes around them (they keep their state and the round's merge rebuilds them from their finite
+        neighbours, in the shared basis); with ``"raise"`` this raises
+        :class:`~lightning_dimat.merge.NonFiniteAgentError`.
+        """
         strategy = self._dimat(trainer)
-        parents = strategy.topology.spanning_tree(check_index("root", self.root, strategy.num_agents))
-        tree = Topology.from_graph(
-            nx.Graph([(child, parent) for child, parent in parents.items() if parent is not None])
-        )
+        parents = self._basis_tree(trainer, self._nonfinite_everywhere(trainer))
         round = strategy.begin_round(
             num_batches=self.num_batches if self.matcher.requires_data else None,
             index=self.round,
             ledger=self.ledger,
-            topology=tree,
+            topology=_tree_topology(parents, strategy.num_agents),
         )
         states = round.gather(compression=self.compression)
-        bad = nonfinite_agents(states)
-        if bad:
-            raise NonFiniteAgentError(
-                nonfinite_message(bad, self._where(trainer))
-                + ", before the shared basis was built: it cannot be aligned. Lower the learning rate, "
-                "or start merging earlier (start_epoch) so that the basis exists before agents diverge."
-            )
         aligner = _without_identity_bias(self.matcher)
         pairwise: dict[int, dict[str, Tensor]] = {}
         for handle in round:
-            parent = parents[handle.agent_id]
-            if parent is None:
+            parent = parents.get(handle.agent_id)
+            if parent is None:  # the root, or an agent the tree goes around
                 continue
             reference = copy_holding(handle.module, states[parent])
             with handle.activate():
@@ -435,7 +440,7 @@ class MergeCallback(Callback):
                 )
             pairwise[handle.agent_id] = {group: p.cpu() for group, p in found.items()}
         paths = basis_permutations(parents, gather_by_agent(strategy.all_gather_object, pairwise))
-        local = {handle.agent_id: paths[handle.agent_id] for handle in round}
+        local = {handle.agent_id: paths.get(handle.agent_id, {}) for handle in round}
         spec = self._spec
         assert spec is not None
         round.commit(
@@ -448,6 +453,53 @@ class MergeCallback(Callback):
             spec=spec,
         )
         self.basis_built = True
+        aligned = [moved_fraction(paths[g]) for g, parent in parents.items() if parent is not None]
+        root = next(iter(parents))
+        rank_zero_info(
+            f"DIMAT shared basis: {len(aligned)} agents aligned into agent {root}'s basis along a spanning "
+            f"tree, {sum(aligned) / max(len(aligned), 1):.0%} of their units moved"
+        )
+
+    def _nonfinite_everywhere(self, trainer: Trainer) -> list[int]:
+        """The agents of every process whose weights are not finite (the same list in every process)."""
+        strategy = self._dimat(trainer)
+        assert strategy.swarm is not None
+        local = [g for g, agent in strategy.swarm.items() if not is_finite_state(agent.state_dict())]
+        if strategy.world_size > 1:
+            return sorted(g for found in strategy.all_gather_object(local) for g in found)
+        return local
+
+    def _basis_tree(self, trainer: Trainer, nonfinite: list[int]) -> dict[int, int | None]:
+        """The spanning tree the shared basis is built along, around the ``nonfinite`` agents."""
+        strategy = self._dimat(trainer)
+        root = check_index("root", self.root, strategy.num_agents)
+        if nonfinite and self.on_nonfinite == "raise":
+            raise NonFiniteAgentError(
+                nonfinite_message(nonfinite, self._where(trainer))
+                + ", before the shared basis was built: they cannot be aligned. "
+                "MergeCallback(on_nonfinite='restore') would build the basis around them and rebuild them "
+                "from their neighbours; or lower the learning rate, or clip gradients."
+            )
+        if root in nonfinite:
+            finite = [g for g in strategy.topology.spanning_tree(root) if g not in nonfinite]
+            if not finite:
+                where = self._where(trainer)
+                raise NonFiniteAgentError(nonfinite_message(nonfinite, where) + ": every agent.")
+            rank_zero_warn(
+                f"The shared basis' root, agent {root}, holds NaN or infinite weights at the "
+                f"{self._where(trainer)}: the basis is agent {finite[0]}'s (the nearest finite agent) "
+                "instead."
+            )
+            root = finite[0]
+        parents = strategy.topology.spanning_tree(root, exclude=nonfinite)
+        cut_off = sorted(set(range(strategy.num_agents)) - set(parents) - set(nonfinite))
+        if cut_off:
+            raise NonFiniteAgentError(
+                nonfinite_message(nonfinite, self._where(trainer))
+                + f", and they cut agents {cut_off} off from the root {root}: the shared basis cannot be "
+                "built. Lower the learning rate, or start merging earlier (start_epoch)."
+            )
+        return parents
 
     def _metrics(
         self, round: MergeRound, strategy: DIMATStrategy, seconds: float, moved: list[float]
@@ -523,15 +575,26 @@ class MergeCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; refuses a checkpoint of another method or basis unless the
         strategy's ``resume_changes`` names it."""
-        saved = state_dict.get("run")
-        if saved is not None:
-            allowed = self._strategy.resume_changes if self._strategy is not None else ()
-            current = self._run_record()
-            refuse_differences(differences(saved, current, allowed), "The checkpoint's MergeCallback state")
+        saved = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **state_dict.get("run", {})}
+        allowed = self._strategy.resume_changes if self._strategy is not None else ()
+        current = self._run_record()
+        if self.basis == saved["basis"] == "own":  # in their own bases agents re-match every round anyway
+            current.pop("rematch_every")
+        refuse_differences(differences(saved, current, allowed), "The checkpoint's MergeCallback state")
         self.round = int(state_dict["round"])
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
         self.basis_built = bool(state_dict.get("basis_built", False))
+
+
+def _tree_topology(parents: Mapping[int, int | None], num_agents: int) -> Topology:
+    """The links of a spanning tree (a parent map) as a topology on all ``num_agents`` agents: an agent the
+    tree goes around has no link."""
+    adjacency = np.zeros((num_agents, num_agents))
+    for child, parent in parents.items():
+        if parent is not None:
+            adjacency[child, parent] = adjacency[parent, child] = 1.0
+    return Topology(MIXING_RULES.get("metropolis_hastings")(adjacency), connected=False)
 
 
 def _without_identity_bias(matcher: Matcher) -> Matcher:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import networkx as nx
@@ -250,7 +250,7 @@ class Topology:
 
     # ------------------------------------------------------------- derived structures
 
-    def spanning_tree(self, root: int = 0) -> dict[int, int | None]:
+    def spanning_tree(self, root: int = 0, exclude: Collection[int] = ()) -> dict[int, int | None]:
         """A breadth-first spanning tree of the communication graph, as a parent map.
 
         Agents are visited breadth-first from ``root``, each agent's neighbours in increasing id order; an
@@ -259,6 +259,8 @@ class Topology:
 
         Args:
             root: the agent at the root of the tree.
+            exclude: agents the tree must not pass through (e.g. agents whose weights are not finite):
+                they are never visited, so agents reachable only through them are left out too.
 
         Returns:
             ``{agent: parent}`` in visiting order, with ``root`` first and mapped to ``None``; every parent
@@ -266,18 +268,25 @@ class Topology:
 
         Raises:
             IndexError: if ``root`` is not an agent id in ``0..N-1``.
+            ValueError: if ``root`` is one of ``exclude``.
 
         Examples:
             >>> build_topology("ring", 6).spanning_tree()
             {0: None, 1: 0, 5: 0, 2: 1, 4: 5, 3: 2}
+            >>> build_topology("ring", 6).spanning_tree(exclude=[1])
+            {0: None, 5: 0, 4: 5, 3: 4, 2: 3}
         """
         root = self._check_agent(root)
+        if root in exclude:
+            raise ValueError(
+                f"The spanning tree's root {root} is one of the excluded agents {sorted(exclude)}."
+            )
         parents: dict[int, int | None] = {root: None}
         queue = deque([root])
         while queue:
             agent = queue.popleft()
             for neighbor in self.neighbors(agent):
-                if neighbor not in parents:
+                if neighbor not in parents and neighbor not in exclude:
                     parents[neighbor] = agent
                     queue.append(neighbor)
         return parents

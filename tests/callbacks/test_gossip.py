@@ -150,7 +150,7 @@ def test_communication_counts_per_step_and_per_merge(topology: str, degree: int)
 
 
 def test_activation_merge_counts_its_extra_forward_passes() -> None:
-    merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2)
+    merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, basis="own")
     strategy = DIMATStrategy(num_agents=NUM_AGENTS, topology="ring")
     make_trainer(strategy=strategy, max_epochs=1, callbacks=[merge]).fit(TinyNet(), datamodule=BlobsData(16))
     # Per agent: 2 batches of 16 through its own model and its 2 neighbours', then 2 batches for BatchNorm.

@@ -128,7 +128,9 @@ def test_at_identity_bias_0_the_shared_basis_gives_the_own_bases_functions() -> 
     # picks (relabelled), so every agent computes the same function under both — only the labels differ.
     # What a shared basis changes comes from λ > 0 or rematch_every (tested above and below).
     def fit(basis: str) -> Trainer:
-        merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, basis=basis)
+        merge = MergeCallback(
+            every_n_epochs=1, method="activation", num_batches=2, basis=basis, rematch_every=1
+        )
         return _fit([merge], max_epochs=3, agent_init="reinit")  # agents initialised independently
 
     own, shared = fit("own"), fit("shared")
@@ -175,7 +177,7 @@ class _ForwardsPerRound(MergeCallback):
 def test_never_rematching_in_the_shared_basis_is_an_infinite_identity_bias_without_its_forwards() -> None:
     options = {"every_n_epochs": 1, "num_batches": 2, "basis": "shared"}
     never = MergeCallback(method="activation", rematch_every=None, **options)
-    biased = MergeCallback(method=ActivationMatcher(identity_bias=1e9), **options)
+    biased = MergeCallback(method=ActivationMatcher(identity_bias=1e9), rematch_every=1, **options)
     thin, full = _fit([never], max_epochs=3), _fit([biased], max_epochs=3)
     expected, actual = agent_states(full), agent_states(thin)
     for agent_id in expected:

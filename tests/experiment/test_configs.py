@@ -249,7 +249,8 @@ def test_paper_experiment_follows_the_paper_protocol(path: Path) -> None:
     assert five == {(t, p) for t in ("fully_connected", "ring") for p in ("iid", "by_class")}
     assert {agents for _, agents, _, _ in seeds} == {5, 10, 20, 40}
     dimat = experiment.methods["dimat"].callbacks
-    assert dimat == [{"class_path": MERGE_PATH, "init_args": {"method": "activation"}}]
+    # (the paper's DIMAT: every agent in its own basis, re-matching at every merge)
+    assert dimat == [{"class_path": MERGE_PATH, "init_args": {"method": "activation", "basis": "own"}}]
     assert experiment.methods["cdsgd"].model == {"optimizer": "sgd"}
     trainer = experiment.base["trainer"]
     assert (trainer["accelerator"], trainer["devices"]) == ("gpu", 1)

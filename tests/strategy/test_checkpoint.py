@@ -58,8 +58,8 @@ def _resume(path: Path, merge: MergeCallback | None = None, **options: Any) -> N
         ({}, MergeCallback(every_n_epochs=2, method="average"), r"method \(checkpoint: 'ActivationMatcher"),
         (
             {},
-            MergeCallback(every_n_epochs=2, basis="shared"),
-            r"basis \(checkpoint: 'own', this run: 'shared'\)",
+            MergeCallback(every_n_epochs=2, basis="own"),
+            r"basis \(checkpoint: 'shared', this run: 'own'\)",
         ),
         ({"topology": "one_peer_exponential"}, None, r"topology \(a schedule against a fixed graph\)"),
         (
