@@ -1,4 +1,4 @@
-# make demo  — set up .venv (if missing) and run the quick-start DIMAT job, then the same run without merging
+# make demo  — set up .venv (if missing) and run the quick-start DIMAT job, then the same run with plain averaging (WA) and without merging
 # make test  — set up .venv (if missing) and run the test suite
 # make lint / make docs / make bench
 PYTHON ?= python3
@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml
+	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml --config configs/quickstart_wa.yaml
 	WANDB_MODE=offline $(BIN)/lightning-dimat fit --config configs/quickstart.yaml --config configs/local_only.yaml
-	$(BIN)/python examples/compare_runs.py outputs/quickstart outputs/quickstart_local
+	$(BIN)/python examples/compare_runs.py outputs/quickstart outputs/quickstart_wa outputs/quickstart_local
 
 # Two workers, one test file each at a time (a file's module fixtures are built once), one torch thread each:
 # both cores stay busy while a test waits on its subprocesses, and two workers do not fight over them.

@@ -311,7 +311,7 @@ def test_fit_config_builds(path: Path, tmp_cwd: Path, monkeypatch: pytest.Monkey
 def test_overlays_are_found_and_combined() -> None:
     """The overlays of the quick-start are built on top of it, not alone."""
     quickstart = CONFIG_DIR / "quickstart.yaml"
-    for name in ("local_only.yaml", "quickstart_wandb.yaml"):
+    for name in ("local_only.yaml", "quickstart_wa.yaml", "quickstart_wandb.yaml"):
         assert _documented_configs(CONFIG_DIR / name) == [quickstart, CONFIG_DIR / name]
     assert _documented_configs(quickstart) == [quickstart]
 
