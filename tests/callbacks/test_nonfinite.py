@@ -67,34 +67,34 @@ def test_a_nan_agent_is_left_out_and_rebuilt_from_its_finite_neighbours() -> Non
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # the exported consensus
 
 
+def _fit_poisoned_ring(poisoned: int, max_epochs: int, **merge: Any) -> tuple[Trainer, MergeCallback]:
+    """4 agents on a ring merging every epoch; agent ``poisoned`` turns NaN just before the first merge."""
+    callback = MergeCallback(every_n_epochs=1, num_batches=2, **merge)
+    strategy = DIMATStrategy(num_agents=4, topology="ring")
+    callbacks = [PoisonAgent(poisoned), callback]
+    trainer = make_trainer(strategy=strategy, callbacks=callbacks, max_epochs=max_epochs)
+    trainer.fit(TinyNet(), datamodule=BlobsData())
+    return trainer, callback
+
+
 @pytest.mark.parametrize("method", ["activation", "weight"])
 def test_matching_merges_restore_a_nan_agent_instead_of_failing_in_scipy(method: str) -> None:
-    strategy = DIMATStrategy(num_agents=4, topology="ring")
-    merge = MergeCallback(every_n_epochs=1, method=method, num_batches=2)
-    trainer = make_trainer(strategy=strategy, callbacks=[PoisonAgent(agent_id=2), merge], max_epochs=2)
     with pytest.warns(UserWarning, match=r"Agent\(s\) 2 hold NaN"):
-        trainer.fit(TinyNet(), datamodule=BlobsData())
-    assert merge.round == 2 and _finite(strategy)
+        trainer, merge = _fit_poisoned_ring(2, max_epochs=2, method=method)
+    assert merge.round == 2 and _finite(trainer.strategy)
 
 
 def test_the_shared_basis_is_built_around_a_nan_agent_and_a_nan_root_hands_it_on() -> None:
     # Agent 0, the default root, is NaN at the first merge: the basis becomes agent 1's (the first finite
     # agent breadth-first from 0), the tree goes around agent 0, and the merge rebuilds it.
-    strategy = DIMATStrategy(num_agents=4, topology="ring")
-    merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, basis="shared")
-    trainer = make_trainer(strategy=strategy, callbacks=[PoisonAgent(agent_id=0), merge], max_epochs=2)
     with pytest.warns(UserWarning, match=r"root, agent 0, holds NaN .* the basis is agent 1's"):
-        trainer.fit(TinyNet(), datamodule=BlobsData())
-    assert merge.basis_built and merge.round == 2 and _finite(strategy)
+        trainer, merge = _fit_poisoned_ring(0, max_epochs=2, method="activation", basis="shared")
+    assert merge.basis_built and merge.round == 2 and _finite(trainer.strategy)
 
 
 def test_on_nonfinite_raise_refuses_to_build_the_shared_basis_around_a_nan_agent() -> None:
-    strategy = DIMATStrategy(num_agents=4, topology="ring")
-    merge = MergeCallback(every_n_epochs=1, method="activation", num_batches=2, on_nonfinite="raise")
-    trainer = make_trainer(strategy=strategy, callbacks=[PoisonAgent(agent_id=2), merge], max_epochs=1)
     with pytest.raises(NonFiniteAgentError, match=r"Agent\(s\) 2 hold NaN .*before the shared basis"):
-        trainer.fit(TinyNet(), datamodule=BlobsData())
-    assert not merge.basis_built
+        _fit_poisoned_ring(2, max_epochs=1, method="activation", on_nonfinite="raise")
 
 
 def test_on_nonfinite_raise_names_the_agent_before_anything_spreads() -> None:
