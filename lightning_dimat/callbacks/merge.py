@@ -31,8 +31,8 @@ from lightning_dimat.merge.finite import (
     ON_NONFINITE,
     NonFiniteAgentError,
     check_states,
-    is_finite_state,
     no_finite_neighbour,
+    nonfinite_agents,
     nonfinite_message,
     renormalised,
 )
@@ -464,7 +464,7 @@ class MergeCallback(Callback):
         """The agents of every process whose weights are not finite (the same list in every process)."""
         strategy = self._dimat(trainer)
         assert strategy.swarm is not None
-        local = [g for g, agent in strategy.swarm.items() if not is_finite_state(agent.state_dict())]
+        local = nonfinite_agents({g: agent.state_dict() for g, agent in strategy.swarm.items()})
         if strategy.world_size > 1:
             return sorted(g for found in strategy.all_gather_object(local) for g in found)
         return local
