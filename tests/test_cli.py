@@ -159,7 +159,11 @@ def test_every_config_parses_and_instantiates(config: Path, tmp_cwd: Path) -> No
         ),
         (
             '{"class_path": "lightning_dimat.ActivationMatcher", "init_args": {"identity_bias": 0.25}}',
-            {"identity_bias": 0.25},
+            {"identity_bias": 0.25, "probes": "pre_activation"},
+        ),
+        (
+            '{"class_path": "lightning_dimat.ActivationMatcher", "init_args": {"probes": "stage_output"}}',
+            {"identity_bias": 0.0, "probes": "stage_output"},
         ),
     ],
 )

@@ -252,7 +252,7 @@ class MergeCallback(Callback):
         agent_id = strategy.swarm.agent_ids[0]
         agent = strategy.swarm.agent(agent_id)
         batch = strategy.example_batch(agent_id)
-        self._spec = spec_for(agent, first_input(agent, [batch]), self.spec)
+        self._spec = spec_for(agent, first_input(agent, [batch]), self.spec, self.matcher.probes)
         strategy.consensus_spec = self._spec
         # Run what a merge runs, on one batch and a copy of the agent: a model the matcher cannot handle
         # (e.g. no probes because forward returns hidden units too) fails now, not after the first epoch.
@@ -576,6 +576,8 @@ class MergeCallback(Callback):
         """Restores :meth:`state_dict`; refuses a checkpoint of another method or basis unless the
         strategy's ``resume_changes`` names it."""
         saved = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **state_dict.get("run", {})}
+        if "method" in saved:
+            saved["method"] = _method_record_with_probes(saved["method"])
         allowed = self._strategy.resume_changes if self._strategy is not None else ()
         current = self._run_record()
         if self.basis == saved["basis"] == "own":  # in their own bases agents re-match every round anyway
@@ -585,6 +587,15 @@ class MergeCallback(Callback):
         self.merged_epochs = list(state_dict["merged_epochs"])
         self.ledger.load_state_dict(state_dict.get("ledger", {}))
         self.basis_built = bool(state_dict.get("basis_built", False))
+
+
+def _method_record_with_probes(record: str) -> str:
+    """A recorded ``ActivationMatcher`` as it is recorded today: before its ``probes`` option existed it
+    observed ``"pre_activation"``, so an older record without the field names that placement."""
+    if record.startswith("ActivationMatcher(") and "probes=" not in record:
+        separator = "" if record.endswith("()") else ", "
+        return f"{record[:-1]}{separator}probes='pre_activation')"
+    return record
 
 
 def _tree_topology(parents: Mapping[int, int | None], num_agents: int) -> Topology:

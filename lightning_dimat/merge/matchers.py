@@ -28,9 +28,11 @@ from torch import Tensor, nn
 from lightning_dimat.merge.inputs import peek_inputs
 from lightning_dimat.permutation.activation import match_activations
 from lightning_dimat.permutation.cache import spec_for
+from lightning_dimat.permutation.context import DEFAULT_PROBES, PROBE_PLACEMENTS
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.permutation.weight import match_weights
 from lightning_dimat.registry import Registry
+from lightning_dimat.validation import check_choice
 
 Permutations = dict[str, Tensor]
 ForwardContext = Callable[[], AbstractContextManager[Any]]
@@ -49,6 +51,9 @@ class Matcher(ABC):
     requires_data: ClassVar[bool] = False
     uses_spec: ClassVar[bool] = False
     runs_neighbours: ClassVar[bool] = False
+    probes: str = DEFAULT_PROBES
+    """Where a derived spec observes each channel group (see ``PROBE_PLACEMENTS``); an option of
+    :class:`ActivationMatcher`, the only matcher that reads activations."""
 
     @abstractmethod
     def match(
@@ -106,10 +111,11 @@ def matcher_spec(
     reference: nn.Module,
     data: Any,
     spec: PermutationSpec | None = None,
-    probes: str = "pre_activation",
+    probes: str | None = None,
 ) -> PermutationSpec | None:
     """The spec ``matcher`` works with: ``None`` if it uses none, else ``spec`` if given, else the verified
-    spec derived from ``reference`` on the first input of ``data`` (``probes``: see ``permutation_spec``)."""
+    spec derived from ``reference`` on the first input of ``data`` with the ``probes`` placement (default:
+    the matcher's own, see ``permutation_spec``)."""
     if not matcher.uses_spec or spec is not None:
         return spec
     if data is None:
@@ -118,7 +124,7 @@ def matcher_spec(
             "(batches of inputs) to derive it from."
         )
     first, _ = peek_inputs(reference, data)
-    return spec_for(reference, first, None, probes)
+    return spec_for(reference, first, None, matcher.probes if probes is None else probes)
 
 
 @register_matcher("average", "wa")
@@ -148,12 +154,25 @@ class ActivationMatcher(Matcher):
     Args:
         identity_bias: λ added to the diagonal of each correlation matrix before the assignment: a unit
             moves only where that beats keeping it by more than λ (0: plain matching; large: the identity).
+        probes: where each channel group's activations are observed, one of ``PROBE_PLACEMENTS``:
+            ``"pre_activation"`` (every residual sum of a stream, else the normalisation output),
+            ``"post_activation"`` (every nonlinearity output) or ``"stage_output"`` (the last nonlinearity
+            output of each group: one probe per ResNet stage). Used when the spec is derived by tracing;
+            a hand-written spec names its own probes.
+
+    Examples:
+        >>> ActivationMatcher(probes="stage_output")
+        ActivationMatcher(identity_bias=0.0, probes='stage_output')
     """
 
     requires_data: ClassVar[bool] = True
     uses_spec: ClassVar[bool] = True
     runs_neighbours: ClassVar[bool] = True
     identity_bias: float = 0.0
+    probes: str = DEFAULT_PROBES
+
+    def __post_init__(self) -> None:
+        check_choice("probes", self.probes, tuple(PROBE_PLACEMENTS))
 
     def match(
         self,
@@ -168,7 +187,7 @@ class ActivationMatcher(Matcher):
         if data is None:
             raise ValueError("Activation matching needs data=... (batches of the merging agent's inputs).")
         first, inputs = peek_inputs(reference, data)
-        spec = spec if spec is not None else spec_for(reference, first, None)
+        spec = spec if spec is not None else spec_for(reference, first, None, self.probes)
         return match_activations(
             spec, reference, states, inputs, forward_context, identity_bias=self.identity_bias
         )

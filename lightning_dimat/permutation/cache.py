@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_dimat.permutation.context import DEFAULT_PROBES
 from lightning_dimat.permutation.spec import PermutationSpec
 from lightning_dimat.permutation.tracing import permutation_spec
 from lightning_dimat.permutation.verify import check_spec
@@ -28,7 +29,7 @@ def _input_shape(example_input: Any) -> Hashable:
 
 
 def spec_for(
-    model: nn.Module, example_input: Any, spec: PermutationSpec | None = None, probes: str = "pre_activation"
+    model: nn.Module, example_input: Any, spec: PermutationSpec | None = None, probes: str = DEFAULT_PROBES
 ) -> PermutationSpec:
     """The verified spec of ``model`` (for inputs shaped like ``example_input``).
 

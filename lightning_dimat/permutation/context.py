@@ -37,6 +37,8 @@ PROBE_PLACEMENTS: dict[str, tuple[tuple[str, ...], str]] = {
     "post_activation": ((NONLINEAR, JOIN, NORM, LAYER), "all"),
     "stage_output": ((NONLINEAR, JOIN, NORM, LAYER), "last"),
 }
+DEFAULT_PROBES = "pre_activation"
+"""The placement used unless a matcher names another (``ActivationMatcher(probes=...)``)."""
 
 
 @dataclass

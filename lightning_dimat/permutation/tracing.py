@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lightning_dimat.permutation.context import (
+    DEFAULT_PROBES,
     FALLBACK,
     PROBE_PLACEMENTS,
     TraceContext,
@@ -46,7 +47,7 @@ __all__ = ["FALLBACK", "SpecFactory", "UnsupportedModelError", "permutation_spec
 class _SpecBuilder(TraceContext):
     """Walks the graph once, handing each node to its rule, then assembles the spec."""
 
-    placement: str = "pre_activation"
+    placement: str = DEFAULT_PROBES
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -195,7 +196,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def permutation_spec(
-    model: nn.Module, example_input: Tensor | Sequence[Tensor], probes: str = "pre_activation"
+    model: nn.Module, example_input: Tensor | Sequence[Tensor], probes: str = DEFAULT_PROBES
 ) -> PermutationSpec:
     """Derives ``model``'s :class:`PermutationSpec` by tracing it with ``torch.fx`` on ``example_input``.
 

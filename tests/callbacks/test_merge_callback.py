@@ -201,3 +201,30 @@ def test_each_merge_prints_one_line(caplog: pytest.LogCaptureFixture) -> None:
         "DIMAT merge 2 after epoch 1",
     ]
     assert "0% of units permuted" in lines[0] and "consensus distance" in lines[0]
+
+
+def test_the_matchers_probes_are_where_the_callback_observes() -> None:
+    # A placement named on the matcher (nameable in YAML) gives the agents that a hand-derived spec does.
+    from lightning_dimat import ActivationMatcher
+    from lightning_dimat.permutation import permutation_spec
+
+    def fit(merge: MergeCallback) -> dict[int, dict[str, torch.Tensor]]:
+        trainer = make_trainer(
+            strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class"),
+            callbacks=[merge],
+            max_epochs=2,
+        )
+        trainer.fit(TinyNet(), datamodule=BlobsData())
+        return {
+            g: {k: v.clone() for k, v in agent.state_dict().items()}
+            for g, agent in trainer.strategy.swarm.items()
+        }
+
+    options = {"every_n_epochs": 1, "basis": "own", "num_batches": 2}
+    spec = permutation_spec(TinyNet(), torch.zeros(2, 8), "stage_output")
+    named = fit(MergeCallback(method=ActivationMatcher(probes="stage_output"), **options))
+    by_hand = fit(MergeCallback(method="activation", spec=spec, **options))
+    default = fit(MergeCallback(method="activation", **options))
+    same = [torch.equal(named[g][k], by_hand[g][k]) for g in named for k in named[g]]
+    assert all(same)
+    assert not all(torch.equal(named[g][k], default[g][k]) for g in named for k in named[g])

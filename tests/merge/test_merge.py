@@ -12,9 +12,10 @@ import torch
 from permutation_helpers import permuted_copy, small_net, warm_model
 from torch import nn
 
-from lightning_dimat import Matcher, align, merge, recompute_batchnorm, register_matcher
+from lightning_dimat import ActivationMatcher, Matcher, align, merge, recompute_batchnorm, register_matcher
 from lightning_dimat.merge import load_state_in_place, weighted_state
 from lightning_dimat.permutation import permutation_spec
+from lightning_dimat.permutation.context import PROBE_PLACEMENTS
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -93,6 +94,23 @@ def test_merge_reads_generators_once_and_exactly_num_batches() -> None:
     assert drawn == [0, 1, 2]
     assert type(merged) is type(model)
     merge([model, permuted], method="weight", data=(x, torch.zeros(len(x))))  # an (x, y) tuple is one batch
+
+
+def test_the_activation_matchers_probes_place_the_derived_spec() -> None:
+    reference, other, x = (
+        small_net(1),
+        small_net(2),
+        torch.randn(64, 4, generator=torch.Generator().manual_seed(0)),
+    )
+    aligned = {}
+    for probes in PROBE_PLACEMENTS:
+        explicit = align(reference, other, "activation", x, spec=permutation_spec(reference, x[:2], probes))
+        aligned[probes] = align(reference, other, ActivationMatcher(probes=probes), x).state_dict()
+        assert _same(aligned[probes], explicit.state_dict()), probes
+    # (the placements observe different nodes here: BatchNorm output vs ReLU output, different alignments)
+    assert not _same(aligned["pre_activation"], aligned["stage_output"])
+    with pytest.raises(ValueError, match=r"probes must be .*'stage_output', got 'after_relu'"):
+        ActivationMatcher(probes="after_relu")
 
 
 def test_unknown_method_and_missing_data_are_refused() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import BlobsData, TinyNet, checkpoint_of_epoch, fit_merging_ring, make_trainer
 
-from lightning_dimat import DIMATStrategy, MergeCallback
+from lightning_dimat import ActivationMatcher, DIMATStrategy, MergeCallback
 
 
 def test_checkpoint_holds_all_agents_keyed_by_global_id(tmp_path: Path) -> None:
@@ -55,11 +55,16 @@ def _resume(path: Path, merge: MergeCallback | None = None, **options: Any) -> N
         ({"topology": "star"}, None, r"topology \(the mixing matrix Π differs\)"),
         ({"partition": "iid"}, None, r"partition \(checkpoint: 'by_class', this run: 'iid'\)"),
         ({"seed": 4}, None, r"seed \(checkpoint: 0, this run: 4\)"),
-        ({}, MergeCallback(every_n_epochs=2, method="average"), r"method \(checkpoint: 'ActivationMatcher"),
+        ({}, MergeCallback(every_n_epochs=2, method="average"), r"method \(checkpoint: .ActivationMatcher"),
         (
             {},
             MergeCallback(every_n_epochs=2, basis="own"),
             r"basis \(checkpoint: 'shared', this run: 'own'\)",
+        ),
+        (
+            {},
+            MergeCallback(every_n_epochs=2, method=ActivationMatcher(probes="stage_output")),
+            r"method \(checkpoint: .*probes='pre_activation'.*this run: .*probes='stage_output'",
         ),
         ({"topology": "one_peer_exponential"}, None, r"topology \(a schedule against a fixed graph\)"),
         (
@@ -82,6 +87,20 @@ def test_resuming_a_different_run_is_refused_unless_the_change_is_named(
             every_n_epochs=2, method=merge.method, basis=merge.basis, compression=merge.compression
         )
     _resume(path, merge, resume_changes=allowed, **options)  # an explicit override is fine
+
+
+def test_a_checkpoint_recorded_before_the_probes_option_resumes_as_pre_activation(tmp_path: Path) -> None:
+    fit_merging_ring(1, checkpoints=tmp_path)
+    checkpoint = torch.load(checkpoint_of_epoch(tmp_path, 0), weights_only=False)
+    (merge_key,) = [key for key in checkpoint["callbacks"] if key.startswith("MergeCallback")]
+    record = checkpoint["callbacks"][merge_key]["run"]
+    assert record["method"] == "ActivationMatcher(identity_bias=0.0, probes='pre_activation')"
+    record["method"] = "ActivationMatcher(identity_bias=0.0)"  # as written before probes could be chosen
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    _resume(older)  # the placement it ran with is today's default
+    with pytest.raises(ValueError, match=r"method \(checkpoint: .*probes='pre_activation'.*'stage_output'"):
+        _resume(older, MergeCallback(every_n_epochs=2, method=ActivationMatcher(probes="stage_output")))
 
 
 def test_resume_changes_names_only_what_may_change() -> None:
