@@ -55,7 +55,7 @@ from lightning_dimat.permutation.context import PROBE_PLACEMENTS
 from lightning_dimat.permutation.shared_basis import basis_permutations, moved_fraction
 from lightning_dimat.topology import build_topology
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny-imagenet-20.zip"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "tiny-imagenet-20.zip"  # as configs/cpu/
 METHODS = ("average", "weight", "activation")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SMOKE = {
@@ -404,7 +404,10 @@ def main() -> None:
         test_images, test_labels = load_split(args.data, "val", args.image_size)
         source = "tiny-imagenet-20 (10,000 train / 1,000 test images, 20 classes)"
     else:
-        raise SystemExit(f"{args.data} does not exist: pass --data path/to/tiny-imagenet-20.zip")
+        raise SystemExit(
+            f"{args.data} does not exist: build it with `lightning-dimat data tiny-imagenet "
+            "tiny-imagenet-200.zip --classes 20` (docs/experiments.md) or pass --data path/to/it"
+        )
     if args.train_images:
         train_images, train_labels = train_images[: args.train_images], train_labels[: args.train_images]
     if args.test_images:

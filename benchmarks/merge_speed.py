@@ -42,7 +42,7 @@ from lightning_dimat.models import resnet20
 from lightning_dimat.permutation import activation
 from lightning_dimat.permutation.cache import spec_for
 
-TINY_IMAGENET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny-imagenet-20.zip"
+TINY_IMAGENET = Path(__file__).resolve().parents[1] / "data" / "tiny-imagenet-20.zip"  # as configs/cpu/
 SMOKE = {
     "agents": 3,
     "width": 1,
@@ -165,8 +165,8 @@ def check_lap_calls(clock: Clock) -> None:
 
 
 def load_images(count: int, size: int, device: torch.device, path: Path | None) -> tuple[torch.Tensor, str]:
-    """``count`` Tiny ImageNet training images (normalised), or random ones if ``path`` is absent."""
-    if path is not None and path.exists():
+    """``count`` Tiny ImageNet training images (normalised), or random ones if ``path`` is ``None``."""
+    if path is not None:
         from lightning_dimat.data import TinyImageNetDataModule
 
         data = TinyImageNetDataModule(str(path), image_size=size, augment=False, num_workers=0)
@@ -258,8 +258,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data", type=Path, default=TINY_IMAGENET, help="tiny-imagenet-20.zip (else random)")
+    parser.add_argument(
+        "--data", default=str(TINY_IMAGENET), help="tiny-imagenet-20.zip, or 'random' for random images"
+    )
     args = parse_args(parser, SMOKE)
+    args.data = None if args.data in (None, "random") else Path(args.data)
+    if args.data is not None and not args.data.exists():
+        parser.error(
+            f"--data {args.data} does not exist: build it with `lightning-dimat data tiny-imagenet "
+            "tiny-imagenet-200.zip --classes 20` (docs/experiments.md), or pass --data random"
+        )
     output = output_path(args, RESULTS / "merge_speed.json", "merge_speed")
     device = torch.device(args.device)
     images, source = load_images(args.images, args.image_size, device, args.data)
