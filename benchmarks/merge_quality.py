@@ -19,7 +19,8 @@ agent's data). ``--skip-pairwise`` runs only that part.
 
 ``--probes`` compares where activation matching observes each channel space (issue 10, item 4: residual
 sums before the ReLU, every block output after it, or one probe per ResNet stage); ``--model vgg16``
-repeats it on a network without residual streams; ``--partitions`` picks the data splits.
+repeats it on a network without residual streams (``--channels 0.25``: its conv widths scaled to 16-128, about
+half ResNet-20's training cost per image on a CPU); ``--partitions`` picks the data splits.
 
     python benchmarks/merge_quality.py --agents 5 --epochs 6 --skip-pairwise --partitions by_class \
         --probes pre_activation,post_activation,stage_output --tag probes_cpu_w1
@@ -49,6 +50,7 @@ from lightning_dimat.merge import (
     resolve_matcher,
 )
 from lightning_dimat.models import resnet20, vgg16
+from lightning_dimat.models.vgg import VGG, VGG16_CONFIG
 from lightning_dimat.partition import partition
 from lightning_dimat.permutation import permute_state
 from lightning_dimat.permutation.context import PROBE_PLACEMENTS
@@ -117,6 +119,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
+    if args.model == "vgg16" and args.channels != 1.0:
+        config = tuple(item if item == "M" else round(int(item) * args.channels) for item in VGG16_CONFIG)
+        return VGG(config, num_classes=20, input_size=args.image_size, hidden=args.width * 64)
     if args.model == "vgg16":
         return vgg16(num_classes=20, input_size=args.image_size, hidden=args.width * 64)
     return resnet20(width=args.width, num_classes=20)
@@ -124,7 +129,8 @@ def build(args: argparse.Namespace) -> torch.nn.Module:
 
 def describe(args: argparse.Namespace) -> str:
     if args.model == "vgg16":
-        return f"vgg16 with batch norm, classifier hidden {args.width * 64}"
+        scaled = "" if args.channels == 1.0 else f", conv channels x{args.channels:g}"
+        return f"vgg16 with batch norm{scaled}, classifier hidden {args.width * 64}"
     return f"resnet20 width {args.width} (1x1 conv shortcuts)"
 
 
@@ -306,6 +312,7 @@ def trained(
     if args.cache is None:
         return train(seed, images, labels, args)
     key = f"{args.model}-w{args.width}-e{args.epochs}-lr{args.lr}-b{args.batch_size}-s{args.image_size}"
+    key += f"-c{args.channels:g}" if args.channels != 1.0 else ""
     key += f"-n{len(images)}"
     path = args.cache / f"{name}-{key}.pt"
     if path.is_file():
@@ -376,6 +383,9 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=0, help="also merge N independently trained agents")
     parser.add_argument("--skip-pairwise", action="store_true", help="only the --agents part")
     parser.add_argument("--model", choices=("resnet20", "vgg16"), default="resnet20")
+    parser.add_argument(
+        "--channels", type=float, default=1.0, help="vgg16 only: scale of its conv widths (0.25: 16-128)"
+    )
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the trained agents")
     parser.add_argument(
         "--settings", default="", help="';'-separated labels of the merges to run (default: all)"
@@ -385,6 +395,8 @@ def main() -> None:
         "--probes", default="pre_activation", help=f"comma-separated, of {', '.join(PROBE_PLACEMENTS)}"
     )
     args = parse_args(parser, SMOKE)
+    if args.channels <= 0 or (args.channels != 1.0 and args.model != "vgg16"):
+        parser.error(f"--channels {args.channels:g}: a positive scale of vgg16's conv widths (--model vgg16)")
     for option, given, allowed in (
         ("--partitions", args.partitions, ("iid", "by_class")),
         ("--probes", args.probes, tuple(PROBE_PLACEMENTS)),
