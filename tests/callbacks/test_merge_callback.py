@@ -15,7 +15,8 @@ import torch
 from helpers import BlobsData, TinyNet, make_trainer
 from lightning.pytorch import Callback
 
-from lightning_dimat import DIMATStrategy, MergeCallback
+from lightning_dimat import ActivationMatcher, DIMATStrategy, MergeCallback
+from lightning_dimat.permutation import permutation_spec
 
 
 def test_merge_schedule_every_n_epochs_and_start_epoch() -> None:
@@ -205,9 +206,6 @@ def test_each_merge_prints_one_line(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_the_matchers_probes_are_where_the_callback_observes() -> None:
     # A placement named on the matcher (nameable in YAML) gives the agents that a hand-derived spec does.
-    from lightning_dimat import ActivationMatcher
-    from lightning_dimat.permutation import permutation_spec
-
     def fit(merge: MergeCallback) -> dict[int, dict[str, torch.Tensor]]:
         trainer = make_trainer(
             strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class"),
@@ -225,6 +223,5 @@ def test_the_matchers_probes_are_where_the_callback_observes() -> None:
     named = fit(MergeCallback(method=ActivationMatcher(probes="stage_output"), **options))
     by_hand = fit(MergeCallback(method="activation", spec=spec, **options))
     default = fit(MergeCallback(method="activation", **options))
-    same = [torch.equal(named[g][k], by_hand[g][k]) for g in named for k in named[g]]
-    assert all(same)
+    assert all(torch.equal(named[g][k], by_hand[g][k]) for g in named for k in named[g])
     assert not all(torch.equal(named[g][k], default[g][k]) for g in named for k in named[g])

@@ -78,9 +78,6 @@ def test_correlations_are_exact_for_activations_with_large_means_and_under_autoc
     assert torch.allclose(cross.correlation(moments), expected, atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------- weight matching
-
-
 def test_units_dead_on_the_data_are_matched_before_the_relu_only() -> None:
     # Why pre-activations are the default probes: a ReLU unit that is zero on every input correlates with
     # nothing after the ReLU, so where it is assigned is arbitrary; before the ReLU it matches like any other.
@@ -89,16 +86,19 @@ def test_units_dead_on_the_data_are_matched_before_the_relu_only() -> None:
     with torch.no_grad():
         net[1].bias[:4] = -10.0  # units 0-3 are negative before the ReLU on every input: dead after it
     x = torch.randn(256, 4)
-    found = {}
+    found, truth = {}, {}
     for probes in ("pre_activation", "post_activation"):
         spec = permutation_spec(net, x[:2], probes)
-        permuted, truth = permuted_copy(net, spec)
+        permuted, truth[probes] = permuted_copy(net, spec)
         (found[probes],) = match_activations(spec, net, [permuted.state_dict()], [x])
-    assert_recovers(found["pre_activation"], truth)
-    (group,) = truth
-    expected = invert(truth[group])
+    assert_recovers(found["pre_activation"], truth["pre_activation"])
+    ((group, permutation),) = truth["post_activation"].items()
+    expected = invert(permutation)
     assert torch.equal(found["post_activation"][group][4:], expected[4:])  # the live units
     assert not torch.equal(found["post_activation"][group][:4], expected[:4])  # the dead ones: arbitrary
+
+
+# ---------------------------------------------------------------------------------------- weight matching
 
 
 def test_weight_matching_handles_a_group_on_two_axes_of_one_tensor() -> None:
