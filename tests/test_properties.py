@@ -26,15 +26,17 @@
    test_each_agent_merges_its_neighbours_aligned_by_the_method_on_its_own_data.
    Elsewhere: comm/test_transport.py::test_exchange_plans_are_symmetric_and_neighbour_only,
    strategy/test_scaleout.py::test_each_process_sends_only_its_agents_neighbours_needs. What building the
-   shared basis reads has no test of its own; strategy/test_scaleout.py::
-   test_the_shared_basis_on_two_processes_gives_the_agents_of_one_process runs it across processes.
+   shared basis reads has no test of its own; strategy/test_scaleout_methods.py::
+   test_the_shared_basis_and_a_topology_schedule_on_two_processes_give_the_agents_of_one_process runs it
+   across processes.
 6. Same results at any scale-out: the same seed gives the same agents in one process and in W processes.
-   Tested in strategy/test_scaleout.py, on its subprocess runs (W = 1 and W = 2, gloo):
+   Tested in strategy/test_scaleout.py (W = 2 in a subprocess, gloo; W = 1 in the test's process):
    test_two_processes_give_the_agents_of_one_process, test_checkpoints_move_between_process_counts,
-   test_fully_connected_uses_one_all_gather_and_uneven_placement_works,
-   test_the_shared_basis_on_two_processes_gives_the_agents_of_one_process,
+   test_spawn_and_fork_launchers_hand_the_exported_module_back; and in strategy/test_scaleout_methods.py:
+   test_fully_connected_uses_one_all_gather,
+   test_the_shared_basis_and_a_topology_schedule_on_two_processes_give_the_agents_of_one_process,
    test_per_step_gossip_on_two_processes_gives_the_agents_of_one_process,
-   test_spawn_and_fork_launchers_hand_the_exported_module_back.
+   test_int8_compression_on_two_processes_gives_the_agents_of_one_process.
 7. Resume: stopping and resuming from a checkpoint gives the same final weights as an uninterrupted run.
    Here: test_resume_gives_the_same_final_weights_as_an_uninterrupted_run,
    test_a_checkpoint_written_by_version_0_1_resumes_to_the_weights_version_0_1_reached (tests/fixtures/).

@@ -1,6 +1,6 @@
 """Compressed exchanges (comm/compression.py, MergeRound.gather(compression=...), the callbacks' option):
 round-trip error within the codec's step, integer buffers untouched, bytes counted as encoded, an agent's
-own state exact, "none" bit for bit as before. W=2 ≡ W=1 with int8: tests/strategy/test_scaleout.py.
+own state exact, "none" bit for bit as before. W=2 ≡ W=1 with int8: tests/strategy/test_scaleout_methods.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Neighbour-only exchange between processes (comm/transport.py): the plan of what each process sends and
-receives, computed without starting a process. Runs on two real processes: tests/strategy/test_scaleout.py."""
+receives, computed without starting a process. Runs on two real processes:
+tests/strategy/test_scaleout*.py."""
 
 from __future__ import annotations
 

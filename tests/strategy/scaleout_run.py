@@ -1,6 +1,7 @@
 """A DIMAT run on W processes, driven by tests/strategy/test_scaleout.py through a subprocess (Lightning's own
 launcher re-runs this script for the other ranks). Rank 0 writes every agent's final weights and what each
-rank sent.
+rank sent. A one-process run (``--devices 1``) can also be called in the test's own process with
+:func:`run`, which returns what rank 0 would write.
 
     python tests/strategy/scaleout_run.py --devices 2 --agents 4 --epochs 4 --output /tmp/out.pt
 """
@@ -13,6 +14,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +78,7 @@ def _parameters(trainer) -> dict[int, dict[str, torch.Tensor]]:  # type: ignore[
     }
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--agents", type=int, default=4)
@@ -94,9 +96,13 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="the merge callback's deadline (s)")
     parser.add_argument("--lag", action="store_true", help="rank 1 arrives at the first merge late")
     parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
-    parser.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    parser.add_argument("--output", type=Path, default=None, help="where rank 0 saves (needed by main)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Fits one run; rank 0 returns ``{"states", "sent", "metrics", "exported", "lag"}`` (or, after a failure,
+    ``{"error", "seconds"}`` and raises), other ranks return ``None``."""
     callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
     gossip = {"cdsgd": CDSGDCallback, "sgp": SGPCallback}.get(args.method)
     merge = (
@@ -135,7 +141,7 @@ def main() -> None:
     try:
         trainer.fit(model, datamodule=BlobsData(), ckpt_path=args.resume)
     except Exception as error:
-        if trainer.global_rank == 0:
+        if trainer.global_rank == 0 and args.output is not None:
             torch.save(
                 {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started},
                 args.output,
@@ -143,15 +149,24 @@ def main() -> None:
         raise
     exported = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     if args.start_method != "popen":  # workers are gone: only the exported module came back
-        torch.save({"exported": exported, "metrics": dict(trainer.callback_metrics)}, args.output)
-        return
+        return {"exported": exported, "metrics": dict(trainer.callback_metrics)}
     states = strategy.agent_states()
     merge = next((c for c in trainer.callbacks if isinstance(c, MergeCallback)), None)
     sent = strategy.all_gather_object(merge.last_bytes_between_processes if merge is not None else 0)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     lag = strategy.all_gather_object({"missing": hold.missing, "before": hold.before, "after": hold.after})
-    if trainer.global_rank == 0:
-        result = {"states": states, "sent": sent, "metrics": metrics, "exported": exported, "lag": lag}
+    if trainer.global_rank != 0:
+        return None
+    return {"states": states, "sent": sent, "metrics": metrics, "exported": exported, "lag": lag}
+
+
+def main() -> None:
+    args = parse()
+    if args.output is None:
+        raise SystemExit("--output is required when the script runs as a program")
+    torch.set_num_threads(1)
+    result = run(args)
+    if result is not None:
         torch.save(result, args.output)
 
 
