@@ -20,9 +20,9 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 
-# The files whose subprocesses take most of the suite's time start first: `make test` runs two workers, a
-# file at a time each, and a long file picked up last would leave one worker idle at the end.
-# (Round-robin: the first and third go to one worker, the benchmarks' two parallel runs to the other.)
+# The files whose subprocesses take most of the suite's time start first: `make test` runs three workers, a
+# file at a time each (handed out round-robin at the start), and a long file picked up last would leave the
+# other workers idle at the end.
 LONGEST_FILES = (
     "tests/strategy/test_scaleout.py",
     "tests/test_benchmarks.py",
