@@ -5,8 +5,9 @@
    Here: test_random_permutation_leaves_logits_unchanged (also ResNet-20 ×8 with 3×3 shortcuts).
    Elsewhere: permutation/test_tracing.py (torchvision ResNet-50, concatenation and gating, user op rules).
 2. Recovery: matching a model against a randomly permuted copy of itself recovers the permutation exactly, by
-   activation matching and by weight matching.
+   activation matching (before and after the nonlinearity) and by weight matching.
    Here: test_activation_matching_recovers_the_permutation_exactly,
+   test_activation_matching_after_the_relu_recovers_the_permutation_exactly,
    test_weight_matching_recovers_the_permutation_exactly, test_align_returns_the_original_weights and
    test_merging_a_model_with_its_permuted_copy_gives_the_model (every model of property 1).
    Elsewhere: permutation/test_tracing.py (hand-written specs, user op rules), permutation/test_matching.py
@@ -87,7 +88,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from permutation_helpers import ARCHITECTURES, assert_recovers, permuted_copy, small_net, warm_model
 from torch import Tensor, nn
 
-from lightning_dimat import DIMATStrategy, MergeCallback, align, build_topology, merge, recompute_batchnorm
+from lightning_dimat import (
+    ActivationMatcher,
+    DIMATStrategy,
+    MergeCallback,
+    align,
+    build_topology,
+    merge,
+    recompute_batchnorm,
+)
 from lightning_dimat.merge import combine, matcher_spec, merge_into_basis, resolve_matcher
 from lightning_dimat.permutation import (
     PermutationSpec,
@@ -170,6 +179,16 @@ def test_random_permutation_leaves_logits_unchanged(case) -> None:  # type: igno
 
 def test_activation_matching_recovers_the_permutation_exactly(case) -> None:  # type: ignore[no-untyped-def]
     _, model, x, spec = case
+    permuted, truth = permuted_copy(model, spec)
+    (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
+    assert_recovers(found, truth)
+
+
+def test_activation_matching_after_the_relu_recovers_the_permutation_exactly(case) -> None:  # type: ignore[no-untyped-def]
+    # After a ReLU some units are zero on every input (VGG16's classifier: 7 of 64 on these 6) or active on
+    # the same few inputs: their correlations tie, and their weights decide (activation.TIE_BREAK).
+    _, model, x, _ = case
+    spec = permutation_spec(model, x[:2], "stage_output")
     permuted, truth = permuted_copy(model, spec)
     (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
     assert_recovers(found, truth)
@@ -431,6 +450,20 @@ def test_resuming_version_0_1_with_todays_default_basis_is_refused_naming_it() -
         max_epochs=4,
     )
     with pytest.raises(ValueError, match=r"basis \(checkpoint: 'own', this run: 'shared'\).*resume_changes"):
+        trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=FIXTURES / "dimat_v0_1_epoch2.ckpt")
+
+
+def test_resuming_version_0_1_with_other_probes_is_refused_naming_them() -> None:
+    # Version 0.1 recorded no method; matching activations, it observed them before the ReLU.
+    after_the_relu = ActivationMatcher(probes="stage_output")
+    trainer = make_trainer(
+        strategy=DIMATStrategy(num_agents=3, topology="ring", partition="by_class"),
+        callbacks=[MergeCallback(every_n_epochs=2, method=after_the_relu, num_batches=2, basis="own")],
+        max_epochs=4,
+    )
+    with pytest.raises(
+        ValueError, match=r"method \(checkpoint: .*'pre_activation'.*this run: .*'stage_output'"
+    ):
         trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=FIXTURES / "dimat_v0_1_epoch2.ckpt")
 
 

@@ -576,8 +576,9 @@ class MergeCallback(Callback):
         """Restores :meth:`state_dict`; refuses a checkpoint of another method or basis unless the
         strategy's ``resume_changes`` names it."""
         saved = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **state_dict.get("run", {})}
-        if "method" in saved:
-            saved["method"] = _method_record_with_probes(saved["method"])
+        method = _method_as_recorded_today(saved.get("method"), self.matcher)
+        if method is not None:
+            saved["method"] = method
         allowed = self._strategy.resume_changes if self._strategy is not None else ()
         current = self._run_record()
         if self.basis == saved["basis"] == "own":  # in their own bases agents re-match every round anyway
@@ -589,9 +590,18 @@ class MergeCallback(Callback):
         self.basis_built = bool(state_dict.get("basis_built", False))
 
 
-def _method_record_with_probes(record: str) -> str:
-    """A recorded ``ActivationMatcher`` as it is recorded today: before its ``probes`` option existed it
-    observed ``"pre_activation"``, so an older record without the field names that placement."""
+def _method_as_recorded_today(record: str | None, current: Matcher) -> str | None:
+    """A checkpoint's matcher record in today's format. Before ``ActivationMatcher`` had a ``probes`` option
+    it observed ``"pre_activation"``: an older record without the field names that placement. A checkpoint
+    older than the record itself (version 0.1) is taken to have run the current matcher with that placement,
+    so that resuming it with another placement is refused instead of going on silently."""
+    if record is None:
+        fields = (
+            {field.name for field in dataclasses.fields(current)}
+            if dataclasses.is_dataclass(current)
+            else set()
+        )
+        return repr(dataclasses.replace(current, probes="pre_activation")) if "probes" in fields else None
     if record.startswith("ActivationMatcher(") and "probes=" not in record:
         separator = "" if record.endswith("()") else ", "
         return f"{record[:-1]}{separator}probes='pre_activation')"

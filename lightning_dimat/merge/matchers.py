@@ -158,7 +158,8 @@ class ActivationMatcher(Matcher):
             ``"pre_activation"`` (every residual sum of a stream, else the normalisation output),
             ``"post_activation"`` (every nonlinearity output) or ``"stage_output"`` (the last nonlinearity
             output of each group: one probe per ResNet stage). Used when the spec is derived by tracing;
-            a hand-written spec names its own probes.
+            a hand-written spec names its own probes. Units the data cannot tell apart (after a ReLU:
+            zero on every input) are paired by how alike their weights are.
 
     Examples:
         >>> ActivationMatcher(probes="stage_output")

@@ -109,6 +109,39 @@ class CrossStatistics:
         return covariance / (torch.outer(std_a, std_b) + 1e-12)
 
 
+TIE_BREAK = 1e-4
+"""The most that how alike two units' weights are adds to their score (a correlation is of order 1, its
+float32 rounding about 1e-7): it decides between units the data cannot tell apart — zero on every input
+after a ReLU, or active on the same few inputs — and moves no unit the data tells apart by more."""
+
+
+def unit_signatures(spec: PermutationSpec, state: Mapping[str, Tensor], group: str) -> Tensor:
+    """(units, features) of ``group`` that no other group's permutation changes: each unit's entry in every
+    1-D state entry the group permutes (biases, normalisation parameters and statistics), and the norm of
+    its slice of every larger one (its weight rows and columns)."""
+    columns = []
+    for key, layouts in spec.axes.items():
+        value = state.get(key)
+        if value is None or not value.is_floating_point():
+            continue
+        for axis, layout in enumerate(layouts):
+            if layout is not None and len(layout) == 1 and layout[0].group == group and layout[0].block == 1:
+                rows = value.detach().double().movedim(axis, 0).reshape(value.shape[axis], -1)
+                columns.append((rows if rows.shape[1] == 1 else rows.norm(dim=1, keepdim=True)).cpu())
+    if not columns:
+        return torch.zeros(spec.group_sizes[group], 0, dtype=torch.float64)
+    return torch.cat(columns, 1)
+
+
+def _with_tie_break(score: Tensor, reference: Tensor, other: Tensor) -> Tensor:
+    """``score`` plus :data:`TIE_BREAK` × the likeness of the units' signatures, 1 / (1 + distance / the
+    median distance): 1 for a unit's exact copy, about 1/2 for a typical pair."""
+    distance = torch.cdist(reference, other)
+    scale = distance.median().clamp_min(1e-12)
+    likeness = 1.0 / (1.0 + distance / scale)
+    return score + TIE_BREAK * likeness.to(score.device, score.dtype)
+
+
 MAX_SAMPLES = 16384
 """Samples per probe and batch kept for the statistics (a strided subset of positions beyond that)."""
 
@@ -267,7 +300,16 @@ def match_activations(
         raise ValueError("Activation matching got no data: `inputs` is empty.")
     # Every (model, group) assignment is independent: solved side by side (see solve_assignments).
     keys = [(index, group) for index, per_model in enumerate(statistics) for group in per_model]
-    scores = [statistics[index][group].correlation(own_moments[group]) for index, group in keys]
+    reference_state = reference.state_dict()
+    own_signatures = {group: unit_signatures(spec, reference_state, group) for group in spec.group_sizes}
+    scores = [
+        _with_tie_break(
+            statistics[index][group].correlation(own_moments[group]),
+            own_signatures[group],
+            unit_signatures(spec, states[index], group),
+        )
+        for index, group in keys
+    ]
     found: list[dict[str, Tensor]] = [{} for _ in states]
     for (index, group), permutation in zip(
         keys, solve_assignments(scores, identity_bias=identity_bias), strict=True

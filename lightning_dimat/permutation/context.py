@@ -24,7 +24,8 @@ FALLBACK = (
 
 # Where a group's activations are observed for activation matching, in order of preference: residual sums
 # (the stream itself), then normalisation outputs, then layer outputs, then nonlinearity outputs.
-# Pre-activations come first because a ReLU unit that is dead on the data correlates with nothing.
+# Pre-activations come first: copies of one model trained apart stay aligned unit for unit there, while after
+# a ReLU sparse units re-match spuriously (docs/permutation.md, "Where activations are observed").
 JOIN, NORM, LAYER, NONLINEAR = "join", "norm", "layer", "nonlinear"
 PROBE_PREFERENCE = (JOIN, NORM, LAYER, NONLINEAR)
 

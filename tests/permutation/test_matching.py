@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_dimat.permutation import (
     PermutationSpec,
+    activation,
     identity_permutations,
     invert,
     match_activations,
@@ -78,24 +79,44 @@ def test_correlations_are_exact_for_activations_with_large_means_and_under_autoc
     assert torch.allclose(cross.correlation(moments), expected, atol=1e-4)
 
 
-def test_units_dead_on_the_data_are_matched_before_the_relu_only() -> None:
-    # Why pre-activations are the default probes: a ReLU unit that is zero on every input correlates with
-    # nothing after the ReLU, so where it is assigned is arbitrary; before the ReLU it matches like any other.
+def test_units_the_data_cannot_tell_apart_are_matched_by_their_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A ReLU unit that is zero on every input correlates with nothing after the ReLU; its weights (bias,
+    # normalisation parameters, the norms of its weight rows) still tell it apart from the others.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3)).eval()
     with torch.no_grad():
         net[1].bias[:4] = -10.0  # units 0-3 are negative before the ReLU on every input: dead after it
     x = torch.randn(256, 4)
-    found, truth = {}, {}
-    for probes in ("pre_activation", "post_activation"):
+    for probes in ("pre_activation", "post_activation", "stage_output"):
         spec = permutation_spec(net, x[:2], probes)
-        permuted, truth[probes] = permuted_copy(net, spec)
-        (found[probes],) = match_activations(spec, net, [permuted.state_dict()], [x])
-    assert_recovers(found["pre_activation"], truth["pre_activation"])
-    ((group, permutation),) = truth["post_activation"].items()
+        permuted, truth = permuted_copy(net, spec)
+        (found,) = match_activations(spec, net, [permuted.state_dict()], [x])
+        assert_recovers(found, truth)
+    # Without the weights' tie-break, after the ReLU the data alone leaves the dead units' pairing arbitrary.
+    monkeypatch.setattr(activation, "TIE_BREAK", 0.0)
+    (found,) = match_activations(spec, net, [permuted.state_dict()], [x])
+    ((group, permutation),) = truth.items()
     expected = invert(permutation)
-    assert torch.equal(found["post_activation"][group][4:], expected[4:])  # the live units
-    assert not torch.equal(found["post_activation"][group][:4], expected[:4])  # the dead ones: arbitrary
+    assert torch.equal(found[group][4:], expected[4:])  # the live units
+    assert not torch.equal(found[group][:4], expected[:4])  # the dead ones
+
+
+def test_the_tie_break_moves_no_unit_the_data_tells_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two independently initialised networks: every assignment is decided by the activations' correlation.
+    x = torch.randn(512, 6, generator=torch.Generator().manual_seed(3))
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        layers = (nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+        nets.append(nn.Sequential(*layers))
+    spec = permutation_spec(nets[0], x[:2], "post_activation")
+    (with_tie_break,) = match_activations(spec, nets[0], [nets[1].state_dict()], [x])
+    monkeypatch.setattr(activation, "TIE_BREAK", 0.0)
+    (without,) = match_activations(spec, nets[0], [nets[1].state_dict()], [x])
+    assert_same_permutations(with_tie_break, without)
+    assert not all(torch.equal(p, torch.arange(len(p))) for p in without.values())  # (something moved)
 
 
 # ---------------------------------------------------------------------------------------- weight matching
