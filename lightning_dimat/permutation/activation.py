@@ -115,29 +115,34 @@ float32 rounding about 1e-7): it decides between units the data cannot tell apar
 after a ReLU, or active on the same few inputs — and moves no unit the data tells apart by more."""
 
 
-def unit_signatures(spec: PermutationSpec, state: Mapping[str, Tensor], group: str) -> Tensor:
-    """(units, features) of ``group`` that no other group's permutation changes: each unit's entry in every
+def unit_signatures(spec: PermutationSpec, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per group, (units, features) that no other group's permutation changes: each unit's entry in every
     1-D state entry the group permutes (biases, normalisation parameters and statistics), and the norm of
     its slice of every larger one (its weight rows and columns)."""
-    columns = []
+    columns: dict[str, list[Tensor]] = {group: [] for group in spec.group_sizes}
     for key, layouts in spec.axes.items():
         value = state.get(key)
         if value is None or not value.is_floating_point():
             continue
         for axis, layout in enumerate(layouts):
-            if layout is not None and len(layout) == 1 and layout[0].group == group and layout[0].block == 1:
-                rows = value.detach().double().movedim(axis, 0).reshape(value.shape[axis], -1)
-                columns.append((rows if rows.shape[1] == 1 else rows.norm(dim=1, keepdim=True)).cpu())
-    if not columns:
-        return torch.zeros(spec.group_sizes[group], 0, dtype=torch.float64)
-    return torch.cat(columns, 1)
+            if layout is None or len(layout) != 1 or layout[0].block != 1 or layout[0].group not in columns:
+                continue
+            others = [dim for dim in range(value.dim()) if dim != axis]
+            column = value.detach()
+            if others:
+                column = torch.linalg.vector_norm(column.float(), dim=others)
+            columns[layout[0].group].append(column.double().cpu().unsqueeze(1))
+    return {
+        group: torch.cat(found, 1) if found else torch.zeros(spec.group_sizes[group], 0, dtype=torch.float64)
+        for group, found in columns.items()
+    }
 
 
 def _with_tie_break(score: Tensor, reference: Tensor, other: Tensor) -> Tensor:
     """``score`` plus :data:`TIE_BREAK` × the likeness of the units' signatures, 1 / (1 + distance / the
-    median distance): 1 for a unit's exact copy, about 1/2 for a typical pair."""
+    mean distance): 1 for a unit's exact copy, about 1/2 for a typical pair."""
     distance = torch.cdist(reference, other)
-    scale = distance.median().clamp_min(1e-12)
+    scale = distance.mean().clamp_min(1e-12)
     likeness = 1.0 / (1.0 + distance / scale)
     return score + TIE_BREAK * likeness.to(score.device, score.dtype)
 
@@ -300,13 +305,13 @@ def match_activations(
         raise ValueError("Activation matching got no data: `inputs` is empty.")
     # Every (model, group) assignment is independent: solved side by side (see solve_assignments).
     keys = [(index, group) for index, per_model in enumerate(statistics) for group in per_model]
-    reference_state = reference.state_dict()
-    own_signatures = {group: unit_signatures(spec, reference_state, group) for group in spec.group_sizes}
+    own_signatures = unit_signatures(spec, reference.state_dict())
+    signatures = [unit_signatures(spec, state) for state in states]
     scores = [
         _with_tie_break(
             statistics[index][group].correlation(own_moments[group]),
             own_signatures[group],
-            unit_signatures(spec, states[index], group),
+            signatures[index][group],
         )
         for index, group in keys
     ]
