@@ -185,7 +185,7 @@ def test_activation_matching_recovers_the_permutation_exactly(case) -> None:  # 
 
 
 def test_activation_matching_after_the_relu_recovers_the_permutation_exactly(case) -> None:  # type: ignore[no-untyped-def]
-    # After a ReLU some units are zero on every input (VGG16's classifier: 7 of 64 on these 6) or active on
+    # After a ReLU some units are zero on every input (VGG16's classifier: 11 and 16 of 64) or active on
     # the same few inputs: their correlations tie, and their weights decide (activation.TIE_BREAK).
     _, model, x, _ = case
     spec = permutation_spec(model, x[:2], "stage_output")

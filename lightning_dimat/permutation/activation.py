@@ -115,7 +115,7 @@ float32 rounding about 1e-7): it decides between units the data cannot tell apar
 after a ReLU, or active on the same few inputs — and moves no unit the data tells apart by more."""
 
 
-def unit_signatures(spec: PermutationSpec, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _unit_signatures(spec: PermutationSpec, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Per group, (units, features) that no other group's permutation changes: each unit's entry in every
     1-D state entry the group permutes (biases, normalisation parameters and statistics), and the norm of
     its slice of every larger one (its weight rows and columns)."""
@@ -305,8 +305,8 @@ def match_activations(
         raise ValueError("Activation matching got no data: `inputs` is empty.")
     # Every (model, group) assignment is independent: solved side by side (see solve_assignments).
     keys = [(index, group) for index, per_model in enumerate(statistics) for group in per_model]
-    own_signatures = unit_signatures(spec, reference.state_dict())
-    signatures = [unit_signatures(spec, state) for state in states]
+    own_signatures = _unit_signatures(spec, reference.state_dict())
+    signatures = [_unit_signatures(spec, state) for state in states]
     scores = [
         _with_tie_break(
             statistics[index][group].correlation(own_moments[group]),
