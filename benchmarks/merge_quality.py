@@ -49,7 +49,7 @@ from lightning_dimat.merge import (
     recompute_batchnorm,
     resolve_matcher,
 )
-from lightning_dimat.models import resnet20, vgg16
+from lightning_dimat.models import resnet20
 from lightning_dimat.models.vgg import VGG, VGG16_CONFIG
 from lightning_dimat.partition import partition
 from lightning_dimat.permutation import permute_state
@@ -120,11 +120,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
-    if args.model == "vgg16" and args.channels != 1.0:
+    if args.model == "vgg16":  # (VGG-16's own config at --channels 1)
         config = tuple(item if item == "M" else round(int(item) * args.channels) for item in VGG16_CONFIG)
         return VGG(config, num_classes=20, input_size=args.image_size, hidden=args.width * 64)
-    if args.model == "vgg16":
-        return vgg16(num_classes=20, input_size=args.image_size, hidden=args.width * 64)
     return resnet20(width=args.width, num_classes=20)
 
 

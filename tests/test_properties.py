@@ -6,8 +6,7 @@
    Elsewhere: permutation/test_tracing.py (torchvision ResNet-50, concatenation and gating, user op rules).
 2. Recovery: matching a model against a randomly permuted copy of itself recovers the permutation exactly, by
    activation matching (before and after the nonlinearity) and by weight matching.
-   Here: test_activation_matching_recovers_the_permutation_exactly,
-   test_activation_matching_after_the_relu_recovers_the_permutation_exactly,
+   Here: test_activation_matching_recovers_the_permutation_exactly (probes before and after the ReLU),
    test_weight_matching_recovers_the_permutation_exactly, test_align_returns_the_original_weights and
    test_merging_a_model_with_its_permuted_copy_gives_the_model (every model of property 1).
    Elsewhere: permutation/test_tracing.py (hand-written specs, user op rules), permutation/test_matching.py
@@ -177,18 +176,13 @@ def test_random_permutation_leaves_logits_unchanged(case) -> None:  # type: igno
     assert check_spec(fresh, spec, x[:4], dtype=None, randomise=False) <= 1e-4
 
 
-def test_activation_matching_recovers_the_permutation_exactly(case) -> None:  # type: ignore[no-untyped-def]
-    _, model, x, spec = case
-    permuted, truth = permuted_copy(model, spec)
-    (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
-    assert_recovers(found, truth)
-
-
-def test_activation_matching_after_the_relu_recovers_the_permutation_exactly(case) -> None:  # type: ignore[no-untyped-def]
-    # After a ReLU some units are zero on every input (VGG16's classifier: 11 and 16 of 64) or active on
-    # the same few inputs: their correlations tie, and their weights decide (activation.TIE_BREAK).
+@pytest.mark.parametrize("probes", ["pre_activation", "stage_output"])
+def test_activation_matching_recovers_the_permutation_exactly(case, probes: str) -> None:  # type: ignore[no-untyped-def]
+    # After a ReLU ("stage_output") some units are zero on every input (VGG16's classifier: 11 and 16 of
+    # 64) or active on the same few inputs: their correlations tie, and their weights decide
+    # (activation.TIE_BREAK).
     _, model, x, _ = case
-    spec = permutation_spec(model, x[:2], "stage_output")
+    spec = permutation_spec(model, x[:2], probes)
     permuted, truth = permuted_copy(model, spec)
     (found,) = match_activations(spec, model, [permuted.state_dict()], [x])
     assert_recovers(found, truth)
