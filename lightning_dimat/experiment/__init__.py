@@ -1,7 +1,8 @@
 """Experiment grids: ``lightning-dimat experiment configs/cpu/grid.yaml [--jobs 2] [--set key=value ...]``.
 
 Methods × topologies × data partitions × seeds × numbers of agents, all starting from the same locally
-pre-trained agents per (partition, seed, agents); each finished run is cached by the hash of its config;
+pre-trained agents per (partition, seed, agents); each finished run is cached by the hash of its config
+(and, with ``archive_dir`` set, copied there: tracked results that a fresh checkout reports and skips);
 the report is a Markdown/CSV table of mean ± std final test accuracy and plots against iterations and
 communication rounds.
 """
@@ -13,6 +14,7 @@ import argparse
 from lightning_dimat.experiment.report import write_report
 from lightning_dimat.experiment.runner import (
     History,
+    archive_finished,
     cell_dir,
     check_experiment,
     finished_results,
@@ -25,6 +27,7 @@ __all__ = [
     "Experiment",
     "History",
     "Method",
+    "archive_finished",
     "check_experiment",
     "finished_results",
     "load_experiment",
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     experiment = load_experiment(args.file, args.overrides)
+    if experiment.archive_dir is not None and not args.dry_run:
+        copied = archive_finished(experiment)  # results of runs made before the archive, or by older code
+        if copied:
+            print(f"{copied} finished results copied into {experiment.archive_dir}.")
     if args.report_only:
         finished = finished_results(experiment)
         if not finished:

@@ -119,6 +119,11 @@ def curves(result: dict[str, Any]) -> list[tuple[float, float, float]]:
     return points
 
 
+def with_curves(experiment: Experiment, results: Results) -> Results:
+    """The results that kept a point for every iteration (an archived summary may hold only the last)."""
+    return [result for result in results if len(result["history"]) >= experiment.iterations]
+
+
 def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> None:
     """One panel per (agents, topology, partition): every method's mean over seeds against ``x_axis``
     (``"iteration"`` or ``"rounds"``)."""
@@ -127,7 +132,7 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted(_by_group(experiment, results).items())
+    groups = sorted(_by_group(experiment, with_curves(experiment, results)).items())
     if not groups:
         raise ValueError(f"No results to plot for experiment {experiment.name!r}.")
     colours = {name: f"C{index % 10}" for index, name in enumerate(experiment.methods)}
@@ -164,8 +169,19 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
     plt.close(figure)
 
 
+def _plotted_note(experiment: Experiment, results: Results) -> str:
+    plotted = len(with_curves(experiment, results))
+    if plotted == len(results):
+        return ""
+    return (
+        f"\nThe plots show {plotted} of these {len(results)} runs: the others are archived summaries "
+        "without their per-iteration history.\n"
+    )
+
+
 def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
-    """Writes results.md, results.csv, accuracy_vs_iteration.png and accuracy_vs_rounds.png; returns paths."""
+    """Writes results.md, results.csv, accuracy_vs_iteration.png and accuracy_vs_rounds.png (the plots only
+    when some result kept its per-iteration history); returns their paths."""
     out = experiment.output_dir
     out.mkdir(parents=True, exist_ok=True)
     header, rows = accuracy_table(experiment, results)
@@ -193,6 +209,7 @@ def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
         + extra
         + "\nCommunication per agent over the whole run (after pre-training)\n\n"
         + markdown(comm_header, comm_rows)
+        + _plotted_note(experiment, results)
     )
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -228,6 +245,9 @@ def write_report(experiment: Experiment, results: Results) -> dict[str, Path]:
                     last.get("comm/forward_samples", 0),
                 ]
             )
+    if not with_curves(experiment, results):  # archived summaries only: nothing to draw
+        del paths["iteration_plot"], paths["rounds_plot"]
+        return paths
     plot(experiment, results, paths["iteration_plot"], "iteration")
     plot(experiment, results, paths["rounds_plot"], "rounds")
     return paths

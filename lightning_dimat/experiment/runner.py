@@ -106,20 +106,62 @@ def _accuracy(agent: LightningModule, loader: Any) -> float:
 
 
 def run_experiment(experiment: Experiment, jobs: int = 1) -> list[dict[str, Any]]:
-    """Runs every missing pre-training and cell (``jobs`` at a time) and returns all cells' results."""
-    pretrain_cells = {_pretrain_key(experiment, cell): cell for cell in experiment.cells}
+    """Runs every missing pre-training and cell (``jobs`` at a time) and returns all cells' results.
+
+    A cell found in ``experiment.archive_dir`` counts as finished unless the pre-trained agents it started
+    from are on disk and differ; only the cells still to run get their pre-training run."""
+    todo = [cell for cell in experiment.cells if not is_finished(experiment, "cell", cell)]
+    pretrain_cells = {_pretrain_key(experiment, cell): cell for cell in todo}
     _run_all(experiment, [("pretrain", cell) for cell in pretrain_cells.values()], jobs)
     _run_all(experiment, [("cell", cell) for cell in experiment.cells], jobs)
-    return [_read(cell_dir(experiment, cell) / "result.json") for cell in experiment.cells]
+    return [finished_result(experiment, cell) for cell in experiment.cells]
 
 
 def finished_results(experiment: Experiment) -> list[dict[str, Any]]:
     """The results of the cells that have finished (of a grid still running, or stopped), in grid order."""
     return [
-        _read(cell_dir(experiment, cell) / "result.json")
+        finished_result(experiment, cell)
         for cell in experiment.cells
         if is_finished(experiment, "cell", cell)
     ]
+
+
+def finished_result(experiment: Experiment, cell: Cell) -> dict[str, Any]:
+    """``cell``'s result: the one in ``output_dir`` if it is still valid, else its archived copy."""
+    local = cell_dir(experiment, cell) / "result.json"
+    if _valid_for_pretraining(experiment, cell, _read_cached(local)):
+        return _read(local)
+    archived = _read_cached(archive_path(experiment, cell)) if experiment.archive_dir else None
+    if archived is None:
+        raise FileNotFoundError(f"{cell} has not finished: no valid {local} and no archived copy.")
+    return archived
+
+
+def archive_path(experiment: Experiment, cell: Cell) -> Path:
+    """The file in ``experiment.archive_dir`` that keeps ``cell``'s result (named like its cell folder).
+
+    Raises:
+        ValueError: if the experiment has no ``archive_dir``.
+    """
+    if experiment.archive_dir is None:
+        raise ValueError(f"{experiment.name}: no archive_dir is set in the experiment file.")
+    return experiment.archive_dir / f"{cell_dir(experiment, cell).name}.json"
+
+
+def archive_finished(experiment: Experiment) -> int:
+    """Copies every finished result in ``output_dir`` that the archive lacks or holds an older run of into
+    ``experiment.archive_dir``; returns how many it wrote (0 without an archive)."""
+    if experiment.archive_dir is None:
+        return 0
+    written = 0
+    for cell in experiment.cells:
+        local = cell_dir(experiment, cell) / "result.json"
+        if not _valid_for_pretraining(experiment, cell, _read_cached(local)):
+            continue
+        if _read_cached(archive_path(experiment, cell)) != _read(local):
+            _write_atomically(archive_path(experiment, cell), local.read_text())
+            written += 1
+    return written
 
 
 def _run_all(experiment: Experiment, tasks: list[tuple[str, Cell]], jobs: int) -> None:
@@ -197,25 +239,52 @@ def run_task(experiment: Experiment, kind: str, cell: Cell) -> Path:
         )
     finish_wandb_runs(cli.trainer)  # (runs share this process: each W&B run ends with its cell)
     result["wall_s"] = time.perf_counter() - started
-    partial = folder / "result.json.partial"
-    partial.write_text(json.dumps(result, indent=1))
-    os.replace(partial, folder / "result.json")  # a result file is complete, or absent
+    text = json.dumps(result, indent=1)
+    _write_atomically(folder / "result.json", text)
+    if kind == "cell" and experiment.archive_dir is not None:
+        _write_atomically(archive_path(experiment, cell), text)
     return folder
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that the file is complete, or absent (a killed run leaves no half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def is_finished(experiment: Experiment, kind: str, cell: Cell) -> bool:
     """Whether ``cell``'s run (``kind``: ``"pretrain"`` or ``"cell"``) has a result that is still valid: for a
-    cell, one that started from the pre-trained agents on disk now (a re-run pre-training invalidates it)."""
+    cell, one in ``output_dir`` that started from the pre-trained agents on disk now (a re-run pre-training
+    invalidates it), or one in ``archive_dir`` that those agents, when on disk, do not contradict."""
     path = _dir(experiment, kind, cell) / "result.json"
     result = _read_cached(path)
-    if result is None:
-        return False
     if kind == "pretrain":
+        if result is None:
+            return False
         checkpoint = path.parent / "agents.ckpt"
         if experiment.pretrain_epochs and not checkpoint.is_file():
             warnings.warn(f"{checkpoint} is missing: pre-training again.", stacklevel=2)
             return False
         return True
+    if _valid_for_pretraining(experiment, cell, result):
+        return True
+    archived = _read_cached(archive_path(experiment, cell)) if experiment.archive_dir else None
+    if archived is None:
+        return False
+    # Without the pre-trained agents on disk, or a summary archived without their fingerprint, there is
+    # nothing to hold an archived result against: it stands as recorded.
+    on_disk = (pretrain_dir(experiment, cell) / "result.json").is_file()
+    unverifiable = archived.get("pretrained_fingerprint") is None
+    return not on_disk or unverifiable or _valid_for_pretraining(experiment, cell, archived)
+
+
+def _valid_for_pretraining(experiment: Experiment, cell: Cell, result: dict[str, Any] | None) -> bool:
+    """Whether ``result`` started from the pre-trained agents on disk now (a re-run pre-training, or one
+    made by other code, invalidates it)."""
+    if result is None:
+        return False
     pretrained = _read_cached(pretrain_dir(experiment, cell) / "result.json")
     return pretrained is not None and result.get("pretrained_fingerprint") == pretrained.get("fingerprint")
 

@@ -5,6 +5,7 @@ Example (``configs/cpu/grid.yaml``)::
     name: cpu_grid
     base: base.yaml                 # a `lightning-dimat fit` config, relative to this file
     output_dir: outputs/experiments/cpu_grid
+    archive_dir: docs/results/cpu_grid   # optional: every finished cell's result, kept under version control
     pretrain_epochs: 10             # local epochs before any communication, shared by every method
     iterations: 6                   # merge iterations after pre-training ...
     epochs_per_merge: 1             # ... of this many local epochs each
@@ -44,6 +45,7 @@ TOP_LEVEL_KEYS = (
     "name",
     "base",
     "output_dir",
+    "archive_dir",
     "base_overrides",
     "pretrain_epochs",
     "iterations",
@@ -113,6 +115,8 @@ class Experiment:
     epochs_per_merge: int
     methods: dict[str, Method]
     cells: list[Cell]
+    archive_dir: Path | None = None
+    """Where a copy of every finished cell's result is kept (tracked files that outlive ``output_dir``)."""
 
     # ------------------------------------------------------------- configs
     def pretrain_config(self, cell: Cell) -> dict[str, Any]:
@@ -213,6 +217,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         output_dir=Path(raw.get("output_dir", f"outputs/experiments/{raw['name']}")),
         methods=methods,
         cells=cells,
+        archive_dir=Path(raw["archive_dir"]) if raw.get("archive_dir") else None,
         **numbers,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 from lightning_dimat.experiment import load_experiment, run_experiment, write_report
 from lightning_dimat.experiment import runner as runner_module
-from lightning_dimat.experiment.runner import cell_dir, is_finished, pretrain_dir
+from lightning_dimat.experiment.runner import archive_path, cell_dir, is_finished, pretrain_dir
 
 BASE = {
     "seed_everything": 0,
@@ -261,3 +262,74 @@ def test_dry_run_checks_the_whole_grid_and_counts_the_runs(
     (tmp_cwd / "base.yaml").write_text(yaml.safe_dump({**BASE, "model": bad_option}))
     with pytest.raises(ValueError, match=r"(?s)cannot be built.*Option .optimiser. is not accepted"):
         main([str(tmp_cwd / "grid.yaml"), "--dry-run"])
+
+
+def test_archived_results_outlive_the_output_dir_and_a_fresh_checkout_runs_only_what_is_missing(
+    tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_dimat.experiment import archive_finished, finished_results, main
+
+    path = write_experiment(tmp_cwd, archive_dir=str(tmp_cwd / "archive"))
+    experiment = load_experiment(path)
+    wa_cell, cdsgd_cell = experiment.cells
+    results = run_experiment(experiment)
+    archived = {cell: archive_path(experiment, cell) for cell in experiment.cells}
+    assert [json.loads(archived[cell].read_text()) for cell in experiment.cells] == results
+    assert archive_finished(experiment) == 0  # the archive already holds every finished run
+
+    # A fresh checkout: no output_dir, only the archive. Both cells are finished; nothing runs.
+    shutil.rmtree(tmp_cwd / "out")
+    ran: list[tuple[str, str]] = []
+    real_run_task = runner_module.run_task
+
+    def record(experiment_: object, kind: str, cell: object) -> Path:
+        ran.append((kind, cell.method))  # type: ignore[attr-defined]
+        return real_run_task(experiment_, kind, cell)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner_module, "run_task", record)
+    assert run_experiment(experiment) == results and ran == []
+    main([str(path), "--report-only"])
+    assert "2 of 2 grid runs reported" in capsys.readouterr().out
+
+    # One archived result lost: its pre-training is made again and only that cell runs. The re-made
+    # pre-training is byte-identical (same seed, same code), so it still vouches for the other cell.
+    archived[cdsgd_cell].unlink()
+    run_experiment(experiment)
+    assert ran == [("pretrain", "cdsgd"), ("cell", "cdsgd")]  # (a pre-training is named by a cell needing it)
+    assert finished_results(experiment)[0] == results[0]
+
+    # Pre-trained agents that differ from the ones an archived cell started from make it stale.
+    record_path = pretrain_dir(experiment, wa_cell) / "result.json"
+    record = record_path.read_text()
+    record_path.write_text(json.dumps({**json.loads(record), "fingerprint": "other"}))
+    assert not is_finished(experiment, "cell", wa_cell)
+
+    # Results made before the archive existed are copied into it by the next run or report (here the
+    # one cell that ran in this output_dir).
+    record_path.write_text(record)
+    shutil.rmtree(tmp_cwd / "archive")
+    assert archive_finished(experiment) == 1 and archived[cdsgd_cell].is_file()
+    assert not archived[wa_cell].exists()
+
+
+def test_a_report_of_archived_summaries_without_history_has_tables_but_no_curves(tmp_cwd: Path) -> None:
+    experiment = load_experiment(write_experiment(tmp_cwd, archive_dir=str(tmp_cwd / "archive")))
+    summaries = [
+        {
+            "cell": cell.__dict__,
+            "test_acc": 0.5 + index / 10,
+            "consensus_test_acc": 0.4,
+            "history": [{"iteration": 2.0, "val_acc_before_merge": 0.3, "comm/rounds": 2}],
+        }
+        for index, cell in enumerate(experiment.cells)
+    ]
+    paths = write_report(experiment, summaries)
+    table = paths["markdown"].read_text()
+    assert "| data | CDSGD | WA |" in table and "| 3 | ring | by_class | 60.00 (n=1) | 50.00 (n=1) |" in table
+    assert "iteration_plot" not in paths
+    assert not (experiment.output_dir / "accuracy_vs_iteration.png").exists()
+    # Next to a run that kept its history, only that run is drawn, and the report says so.
+    full = run_experiment(load_experiment(write_experiment(tmp_cwd)))[0]
+    paths = write_report(experiment, [full, summaries[1]])
+    assert paths["iteration_plot"].stat().st_size > 0
+    assert "The plots show 1 of these 2 runs" in paths["markdown"].read_text()
