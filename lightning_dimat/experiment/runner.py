@@ -128,13 +128,40 @@ def finished_results(experiment: Experiment) -> list[dict[str, Any]]:
 
 def finished_result(experiment: Experiment, cell: Cell) -> dict[str, Any]:
     """``cell``'s result: the one in ``output_dir`` if it is still valid, else its archived copy."""
-    local = cell_dir(experiment, cell) / "result.json"
-    if _valid_for_pretraining(experiment, cell, _read_cached(local)):
-        return _read(local)
+    result = _valid_result(experiment, cell)
+    if result is None:
+        raise FileNotFoundError(f"{cell} has not finished: no valid result and no archived copy.")
+    return result
+
+
+def _valid_result(experiment: Experiment, cell: Cell) -> dict[str, Any] | None:
+    """``cell``'s result in ``output_dir`` if it started from the pre-trained agents on disk now (a re-run
+    pre-training invalidates it); else its copy in ``archive_dir`` if those agents, when on disk, do not
+    contradict it; else ``None``."""
+    fingerprint = _pretrained_fingerprint(experiment, cell)
+    local = _local_result(experiment, cell, fingerprint)
+    if local is not None:
+        return local
     archived = _read_cached(archive_path(experiment, cell)) if experiment.archive_dir else None
     if archived is None:
-        raise FileNotFoundError(f"{cell} has not finished: no valid {local} and no archived copy.")
-    return archived
+        return None
+    # Without the pre-trained agents on disk, or a summary archived without their fingerprint, there is
+    # nothing to hold an archived result against: it stands as recorded.
+    recorded = archived.get("pretrained_fingerprint")
+    return archived if fingerprint is None or recorded is None or recorded == fingerprint else None
+
+
+def _pretrained_fingerprint(experiment: Experiment, cell: Cell) -> str | None:
+    """The fingerprint of the pre-trained agents ``cell`` starts from now (``None``: not on disk)."""
+    pretrained = _read_cached(pretrain_dir(experiment, cell) / "result.json")
+    return pretrained.get("fingerprint") if pretrained is not None else None
+
+
+def _local_result(experiment: Experiment, cell: Cell, fingerprint: str | None) -> dict[str, Any] | None:
+    """``cell``'s result in ``output_dir`` if it started from the pre-trained agents of ``fingerprint``."""
+    result = _read_cached(cell_dir(experiment, cell) / "result.json")
+    valid = fingerprint is not None and result is not None
+    return result if valid and result.get("pretrained_fingerprint") == fingerprint else None
 
 
 def archive_path(experiment: Experiment, cell: Cell) -> Path:
@@ -155,11 +182,9 @@ def archive_finished(experiment: Experiment) -> int:
         return 0
     written = 0
     for cell in experiment.cells:
-        local = cell_dir(experiment, cell) / "result.json"
-        if not _valid_for_pretraining(experiment, cell, _read_cached(local)):
-            continue
-        if _read_cached(archive_path(experiment, cell)) != _read(local):
-            _write_atomically(archive_path(experiment, cell), local.read_text())
+        local = _local_result(experiment, cell, _pretrained_fingerprint(experiment, cell))
+        if local is not None and _read_cached(archive_path(experiment, cell)) != local:
+            _write_atomically(archive_path(experiment, cell), json.dumps(local, indent=1))
             written += 1
     return written
 
@@ -258,35 +283,16 @@ def is_finished(experiment: Experiment, kind: str, cell: Cell) -> bool:
     """Whether ``cell``'s run (``kind``: ``"pretrain"`` or ``"cell"``) has a result that is still valid: for a
     cell, one in ``output_dir`` that started from the pre-trained agents on disk now (a re-run pre-training
     invalidates it), or one in ``archive_dir`` that those agents, when on disk, do not contradict."""
-    path = _dir(experiment, kind, cell) / "result.json"
-    result = _read_cached(path)
     if kind == "pretrain":
-        if result is None:
+        path = pretrain_dir(experiment, cell) / "result.json"
+        if _read_cached(path) is None:
             return False
         checkpoint = path.parent / "agents.ckpt"
         if experiment.pretrain_epochs and not checkpoint.is_file():
             warnings.warn(f"{checkpoint} is missing: pre-training again.", stacklevel=2)
             return False
         return True
-    if _valid_for_pretraining(experiment, cell, result):
-        return True
-    archived = _read_cached(archive_path(experiment, cell)) if experiment.archive_dir else None
-    if archived is None:
-        return False
-    # Without the pre-trained agents on disk, or a summary archived without their fingerprint, there is
-    # nothing to hold an archived result against: it stands as recorded.
-    on_disk = (pretrain_dir(experiment, cell) / "result.json").is_file()
-    unverifiable = archived.get("pretrained_fingerprint") is None
-    return not on_disk or unverifiable or _valid_for_pretraining(experiment, cell, archived)
-
-
-def _valid_for_pretraining(experiment: Experiment, cell: Cell, result: dict[str, Any] | None) -> bool:
-    """Whether ``result`` started from the pre-trained agents on disk now (a re-run pre-training, or one
-    made by other code, invalidates it)."""
-    if result is None:
-        return False
-    pretrained = _read_cached(pretrain_dir(experiment, cell) / "result.json")
-    return pretrained is not None and result.get("pretrained_fingerprint") == pretrained.get("fingerprint")
+    return _valid_result(experiment, cell) is not None
 
 
 def _read_cached(path: Path) -> dict[str, Any] | None:
