@@ -163,8 +163,15 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
             handles.setdefault(label, handle)
     order = [experiment.methods[name].label for name in experiment.methods]
     labels = [label for label in order if label in handles]
-    figure.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(len(labels), 7))
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    legend_columns = max(1, min(len(labels), columns * 4 // 3))
+    legend_rows = -(-len(labels) // legend_columns)
+    # The legend gets its own strip below the panels (0.3 inch per row), so it never covers an axis label.
+    legend_height = 0.3 * legend_rows + 0.15
+    figure.set_figheight(3.4 * rows + legend_height)
+    figure.legend(
+        [handles[label] for label in labels], labels, loc="lower center", ncol=legend_columns, frameon=False
+    )
+    figure.tight_layout(rect=(0, legend_height / figure.get_figheight(), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
