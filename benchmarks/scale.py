@@ -15,13 +15,17 @@ in ``configs/cpu/protocol.yaml``) and exports the consensus at the end of ``fit`
 - training time per image (epoch 0), merge time (per agent), export time;
 - the merge's share of a round of the CPU protocol (N = 5, 2 epochs per merge, 200 images = 7 batches of
   32 per agent and epoch): measured on a run of exactly that shape, and computed from the scaled-down runs.
+  ``--share-rounds 10 --share-basis shared`` measures the protocol's 10 rounds with the shipped merge (the
+  first round aligns along a spanning tree, the others average in the shared basis); the default is one
+  round in each agent's own basis (every merge matches).
 
 Saves ``benchmarks/results/scale.json`` and a plot beside it (``.png``).
 
     python benchmarks/scale.py                    # the issue's full grid (hours here, ~15 GB at its largest)
     python benchmarks/scale.py --widths 1,8 --agents 1=5,10,20,40,100 8=5,20,40 \\
         --methods 1=average,activation 8=average --method-agents 5,20 --before before.json   # docs/scale.md
-    python benchmarks/scale.py --smoke      # N = 2, 3 at width 1, 1 batch, average: meaningless numbers
+    python benchmarks/scale.py --smoke      # N = 2, 3 at width 1, 1 batch, average, and a 2-round share
+                                            # run of 5 agents in the shared basis: meaningless numbers
     python benchmarks/scale.py --replot     # redraw the plot of the saved JSON
 
 ``--release-memory on`` hands freed heap memory back after each agent's backward
@@ -81,7 +85,9 @@ SMOKE = {
     "batches": ["1"],
     "method_agents": "",
     "repeats": 1,
-    "share_images": 0,
+    "share_images": 32,
+    "share_rounds": 2,
+    "share_basis": "shared",
 }
 
 
@@ -259,10 +265,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return {"peak_mib": phases.high_water_mark() / 1024, "model_mib": model_mib, "resets": phases.resets}
     agents = spec["agents"]
     data = SyntheticData(agents * spec["images_per_agent"])
-    # (basis "own": every merge matches, the activation merge measured since the first version of this
-    # benchmark; in the default shared basis only the first round matches and the rest average.)
+    # (basis "own" unless the setting names another: every merge matches, the activation merge measured since
+    # the first version of this benchmark; in the shipped shared basis only the first round matches and the
+    # rest average, which a share run of several rounds with ``--share-basis shared`` measures.)
+    rounds = spec.get("rounds", 1)
     merge = MergeCallback(
-        every_n_epochs=2, method=spec["method"], num_batches=4, optimizer_state="reset", basis="own"
+        every_n_epochs=2,
+        method=spec["method"],
+        num_batches=4,
+        optimizer_state="reset",
+        basis=spec.get("basis", "own"),
     )
     probe = EpochPhases(phases, merge)
     for owner, name, label in (
@@ -286,7 +298,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     )
     trainer = quiet_trainer(
         "cpu",
-        2,
+        2 * rounds,
         [merge, probe],  # (the probe after MergeCallback)
         strategy=strategy,
         enable_checkpointing=False,
@@ -300,6 +312,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     batches = math.ceil(spec["images_per_agent"] / BATCH_SIZE)
     epoch0 = table["fit/epoch0"]["inclusive_s"]
     merge_s = table["fit/epoch1/merge"]["inclusive_s"]
+    merges_s = [table[f"fit/epoch{2 * round_ + 1}/merge"]["inclusive_s"] for round_ in range(rounds)]
+    epochs_s = sum(table[f"fit/epoch{epoch}"]["inclusive_s"] for epoch in range(2 * rounds))
     return {
         "model_mib": model_mib,
         "data_mib": _mib(iter(data.dataset.tensors)),
@@ -314,6 +328,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "epoch0_s": epoch0,
         "epoch1_train_s": table["fit/epoch1"]["inclusive_s"] - merge_s,
         "merge_s": merge_s,
+        "merges_s": merges_s,
+        "train_s": epochs_s - sum(merges_s),
         "export_s": table["fit/export"]["inclusive_s"],
         "fit_s": table["fit"]["inclusive_s"],
         "phases": table,
@@ -363,6 +379,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "width": 1,
                 "method": method,
                 "images_per_agent": args.share_images,
+                "rounds": args.share_rounds,
+                "basis": args.share_basis,
             }
             settings.append({**share, "share_run": True})
     return [{**setting, "release_memory": args.release_memory} for setting in settings]
@@ -419,7 +437,7 @@ def summarise(spec: dict[str, Any], rows: list[dict[str, Any]], baseline_mib: fl
     images = n * spec["images_per_agent"]
     epoch0 = _median(rows, "epoch0_s")
     merge_s = _median(rows, "merge_s")
-    train_round = epoch0 + _median(rows, "epoch1_train_s")
+    all_merges_s = _median([{"s": sum(row["merges_s"])} for row in rows], "s")
     return {
         **spec,
         "batches_per_agent": first["batches_per_agent"],
@@ -445,11 +463,26 @@ def summarise(spec: dict[str, Any], rows: list[dict[str, Any]], baseline_mib: fl
         "merge_s": merge_s,
         "merge_s_per_agent": merge_s / n,
         "export_s": _median(rows, "export_s"),
-        "merge_share": merge_s / (train_round + merge_s),
+        # (over every round of the run: with one round, the merge over the 2 epochs' training plus the merge)
+        "merge_share": all_merges_s / (_median(rows, "train_s") + all_merges_s),
+        "merges_s": [
+            statistics.median(merges) for merges in zip(*(row["merges_s"] for row in rows), strict=True)
+        ],
         "merged_before_epoch_end": first["merged_before_epoch_end"],
         "phases": first["phases"],
         "repeats": [
-            {key: row[key] for key in ("epoch0_s", "epoch1_train_s", "merge_s", "export_s", "process_s")}
+            {
+                key: row[key]
+                for key in (
+                    "epoch0_s",
+                    "epoch1_train_s",
+                    "merge_s",
+                    "merges_s",
+                    "train_s",
+                    "export_s",
+                    "process_s",
+                )
+            }
             for row in rows
         ],
     }
@@ -500,8 +533,9 @@ def marginal(settings: list[dict[str, Any]], baselines: dict[int, dict[str, Any]
 
 
 def merge_share(settings: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """The merge's share of a 2-epoch round at N = ``--share-agents``, width 1: measured on a run of the
-    protocol's shape, and computed from the scaled runs' time per step (``--share-steps`` per epoch)."""
+    """The merge's share of the rounds (2 epochs + a merge) at N = ``--share-agents``, width 1: measured on
+    a run of the protocol's shape (``--share-rounds`` rounds, ``--share-basis``), and computed for one round
+    from the scaled runs' time per step (``--share-steps`` per epoch)."""
     ok = [s for s in settings if "error" not in s and s["width"] == 1]
     measured = {s["method"]: s["merge_share"] for s in ok if s.get("share_run")}
     scaled = [s for s in ok if not s.get("share_run")]
@@ -521,7 +555,10 @@ def merge_share(settings: list[dict[str, Any]], args: argparse.Namespace) -> dic
         "epochs_per_merge": 2,
         "images_per_agent_and_epoch": args.share_images,
         "steps_per_epoch": args.share_steps,
+        "rounds": args.share_rounds,
+        "basis": args.share_basis,
         "measured": measured,
+        "measured_merge_s_per_round": {s["method"]: s["merges_s"] for s in ok if s.get("share_run")},
         "computed_from_scaled": computed,
     }
 
@@ -625,6 +662,16 @@ def main() -> None:
     parser.add_argument("--share-images", type=int, default=200, help="its images per agent (0: no such run)")
     parser.add_argument(
         "--share-steps", type=int, default=7, help="batches per epoch of the protocol's round"
+    )
+    parser.add_argument(
+        "--share-rounds", type=int, default=1, help="rounds (2 epochs + a merge) of the merge-share run"
+    )
+    parser.add_argument(
+        "--share-basis",
+        choices=("own", "shared"),
+        default="own",
+        help="MergeCallback(basis=...) of the merge-share run ('shared': the shipped default, which matches "
+        "in the first round only)",
     )
     parser.add_argument(
         "--max-predicted-gb", type=float, default=20.0, help="skip a setting predicted to peak above this"
@@ -731,7 +778,10 @@ def main() -> None:
             f"{EXTRAPOLATE_TO} agents ≈ {line['peak_gib_line']:.1f} GiB"
         )
     for method, share in result["merge_share"]["measured"].items():
-        print(f"merge share of a round (N={args.share_agents}, {method}): {share:.1%}")
+        print(
+            f"merge share (N={args.share_agents}, {method}, basis {args.share_basis}, "
+            f"{args.share_rounds} round(s) of 2 epochs): {share:.1%}"
+        )
     save_json(result, output)
     picture = args.plot or output.with_suffix(".png")
     plot(result, picture)

@@ -209,9 +209,10 @@ def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
     result = _finished(smoke_runs, "scale")
     _check(result, "scale")
     settings = result["settings"]
-    assert [(s["agents"], s["width"], s["method"]) for s in settings] == [
-        (2, 1, "average"),
-        (3, 1, "average"),
+    assert [(s["agents"], s["width"], s["method"], s.get("share_run")) for s in settings] == [
+        (2, 1, "average", None),
+        (3, 1, "average", None),
+        (5, 1, "average", True),  # the merge-share run: 2 rounds of 2 epochs + a merge, shared basis
     ]
     for setting in settings:
         assert setting["merged_before_epoch_end"] is True  # the merge ran inside epoch 1, before its end
@@ -223,6 +224,10 @@ def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
         )
     assert set(result["extrapolation_1000"]) == {"1"}
     assert "average" in result["merge_share"]["computed_from_scaled"]
+    share_run = settings[-1]
+    assert (share_run["rounds"], share_run["basis"]) == (2, "shared")
+    assert len(share_run["merges_s"]) == 2 and min(share_run["merges_s"]) > 0  # one merge per round, timed
+    assert 0 < result["merge_share"]["measured"]["average"] < 1
     assert smoke_runs["scale"].result().output.with_suffix(".png").is_file()
 
 
