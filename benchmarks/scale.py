@@ -437,7 +437,7 @@ def summarise(spec: dict[str, Any], rows: list[dict[str, Any]], baseline_mib: fl
     images = n * spec["images_per_agent"]
     epoch0 = _median(rows, "epoch0_s")
     merge_s = _median(rows, "merge_s")
-    all_merges_s = _median([{"s": sum(row["merges_s"])} for row in rows], "s")
+    all_merges_s = statistics.median(sum(row["merges_s"]) for row in rows)
     return {
         **spec,
         "batches_per_agent": first["batches_per_agent"],
