@@ -135,7 +135,11 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
     groups = sorted(_by_group(experiment, with_curves(experiment, results)).items())
     if not groups:
         raise ValueError(f"No results to plot for experiment {experiment.name!r}.")
-    colours = {name: f"C{index % 10}" for index, name in enumerate(experiment.methods)}
+    # Ten colours, then the same ten dashed, dotted, ...: every method keeps a style of its own.
+    styles = {
+        name: {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[index // 10 % 4]}
+        for index, name in enumerate(experiment.methods)
+    }
     columns = min(4, len(groups))
     rows = (len(groups) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
@@ -148,7 +152,7 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
                 for i in range(length)
             ]
             ys = [100 * statistics.fmean(s[i][2] for s in series) for i in range(length)]
-            axis.plot(xs, ys, marker=".", color=colours[method], label=experiment.methods[method].label)
+            axis.plot(xs, ys, marker=".", label=experiment.methods[method].label, **styles[method])
         axis.set_title(f"{topology}, {partition}, {num_agents} agents", fontsize=10)
         axis.set_xlabel("iteration" if x_axis == "iteration" else "communication rounds per agent")
         if x_axis == "rounds":
