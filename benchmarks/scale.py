@@ -311,8 +311,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     table = phases.table()
     batches = math.ceil(spec["images_per_agent"] / BATCH_SIZE)
     epoch0 = table["fit/epoch0"]["inclusive_s"]
-    merge_s = table["fit/epoch1/merge"]["inclusive_s"]
     merges_s = [table[f"fit/epoch{2 * round_ + 1}/merge"]["inclusive_s"] for round_ in range(rounds)]
+    merge_s = merges_s[0]  # (the first merge: the one the memory phases and the scaled runs describe)
     epochs_s = sum(table[f"fit/epoch{epoch}"]["inclusive_s"] for epoch in range(2 * rounds))
     return {
         "model_mib": model_mib,

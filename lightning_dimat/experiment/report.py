@@ -142,7 +142,8 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
     }
     columns = min(4, len(groups))
     rows = (len(groups) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    panels_height = 3.4 * rows  # inches
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, panels_height), squeeze=False)
     for axis, ((num_agents, topology, partition), by_method) in zip(axes.flat, groups, strict=False):
         for method, runs in by_method.items():
             series = [curves(run) for run in runs]
@@ -171,7 +172,7 @@ def plot(experiment: Experiment, results: Results, path: Path, x_axis: str) -> N
     legend_rows = -(-len(labels) // legend_columns)
     # The legend gets its own strip below the panels (0.3 inch per row), so it never covers an axis label.
     legend_height = 0.3 * legend_rows + 0.15
-    figure.set_figheight(3.4 * rows + legend_height)
+    figure.set_figheight(panels_height + legend_height)
     figure.legend(
         [handles[label] for label in labels], labels, loc="lower center", ncol=legend_columns, frameon=False
     )
