@@ -71,11 +71,7 @@ class History(Callback):
             self.metric: float(metrics[self.metric]),
             "agents": [float(metrics[f"agent_{g}/{self.metric}"]) for g in agents],
         }
-        for name in (
-            "merge/permuted_fraction",
-            "merge/consensus_distance_before",
-            "merge/consensus_distance_after",
-        ):
+        for name in MERGE_METRICS:
             if name in metrics:  # this iteration's merge (logged at the merge, before this validation)
                 point[name] = float(metrics[name])
         if self._before is not None:
