@@ -17,7 +17,9 @@ in ``configs/cpu/protocol.yaml``) and exports the consensus at the end of ``fit`
   32 per agent and epoch): measured on a run of exactly that shape, and computed from the scaled-down runs.
   ``--share-rounds 10 --share-basis shared`` measures the protocol's 10 rounds with the shipped merge (the
   first round aligns along a spanning tree, the others average in the shared basis); the default is one
-  round in each agent's own basis (every merge matches).
+  round in each agent's own basis (every merge matches). ``--share-validate 1000`` also validates every
+  agent on 1,000 held-out images once per round, as the protocol does (``check_val_every_n_epoch: 2``), and
+  gives the merge's share of that whole round beside its share of training + merge.
 
 Saves ``benchmarks/results/scale.json`` and a plot beside it (``.png``).
 
@@ -88,6 +90,7 @@ SMOKE = {
     "share_images": 32,
     "share_rounds": 2,
     "share_basis": "shared",
+    "share_validate": 32,
 }
 
 
@@ -230,19 +233,42 @@ class EpochPhases(Callback):
             self.marks["after_merge"] = self.phases.high_water_mark()
 
 
-class SyntheticData(LightningDataModule):
-    """Random 3×32×32 images with ``CLASSES`` labels (fixed seed) in batches of ``BATCH_SIZE``."""
+class ValidationPhase(Callback):
+    """Charges every validation run to its own phase (``…/validation``), nested in the epoch's."""
 
-    def __init__(self, images: int, seed: int = 0) -> None:
+    def __init__(self, phases: Phases) -> None:
+        self.phases = phases
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.phases.enter("validation")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.phases.leave()
+
+
+def _random_images(images: int, generator: torch.Generator) -> TensorDataset:
+    return TensorDataset(
+        torch.randn(images, 3, 32, 32, generator=generator),
+        torch.randint(0, CLASSES, (images,), generator=generator),
+    )
+
+
+class SyntheticData(LightningDataModule):
+    """Random 3×32×32 images with ``CLASSES`` labels (fixed seed) in batches of ``BATCH_SIZE``, and
+    ``val_images`` held-out ones (none: no validation)."""
+
+    def __init__(self, images: int, val_images: int = 0, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.dataset = TensorDataset(
-            torch.randn(images, 3, 32, 32, generator=generator),
-            torch.randint(0, CLASSES, (images,), generator=generator),
-        )
+        self.dataset = _random_images(images, generator)
+        self.val_dataset = _random_images(val_images, generator) if val_images else None
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=BATCH_SIZE, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_dataset is not None, "built without val_images: the trainer must not validate"
+        return DataLoader(self.val_dataset, batch_size=BATCH_SIZE)
 
 
 def _module(width: int) -> ImageClassifier:
@@ -264,7 +290,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("baseline"):
         return {"peak_mib": phases.high_water_mark() / 1024, "model_mib": model_mib, "resets": phases.resets}
     agents = spec["agents"]
-    data = SyntheticData(agents * spec["images_per_agent"])
+    val_images = spec.get("val_images", 0)
+    data = SyntheticData(agents * spec["images_per_agent"], val_images)
     # (basis "own" unless the setting names another: every merge matches, the activation merge measured since
     # the first version of this benchmark; in the shipped shared basis only the first round matches and the
     # rest average, which a share run of several rounds with ``--share-basis shared`` measures.)
@@ -296,14 +323,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         export="consensus",
         release_memory=RELEASE_MEMORY[spec.get("release_memory", "auto")],
     )
+    # (validation, when asked for, once per round after the merge: as the protocol's check_val_every_n_epoch)
+    validation = {"check_val_every_n_epoch": 2} if val_images else {"limit_val_batches": 0}
     trainer = quiet_trainer(
         "cpu",
         2 * rounds,
-        [merge, probe],  # (the probe after MergeCallback)
+        [merge, probe, ValidationPhase(phases)],  # (the probe after MergeCallback)
         strategy=strategy,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **validation,
     )
     with phases.phase("fit"):
         trainer.fit(module, datamodule=data)
@@ -314,6 +343,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     merges_s = [table[f"fit/epoch{2 * round_ + 1}/merge"]["inclusive_s"] for round_ in range(rounds)]
     merge_s = merges_s[0]  # (the first merge: the one the memory phases and the scaled runs describe)
     epochs_s = sum(table[f"fit/epoch{epoch}"]["inclusive_s"] for epoch in range(2 * rounds))
+    validation_s = sum(p["seconds"] for label, p in table.items() if label.endswith("/validation"))
     return {
         "model_mib": model_mib,
         "data_mib": _mib(iter(data.dataset.tensors)),
@@ -329,7 +359,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "epoch1_train_s": table["fit/epoch1"]["inclusive_s"] - merge_s,
         "merge_s": merge_s,
         "merges_s": merges_s,
-        "train_s": epochs_s - sum(merges_s),
+        "train_s": epochs_s - sum(merges_s) - validation_s,
+        "validation_s": validation_s,
         "export_s": table["fit/export"]["inclusive_s"],
         "fit_s": table["fit"]["inclusive_s"],
         "phases": table,
@@ -381,6 +412,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "images_per_agent": args.share_images,
                 "rounds": args.share_rounds,
                 "basis": args.share_basis,
+                "val_images": args.share_validate,
             }
             settings.append({**share, "share_run": True})
     return [{**setting, "release_memory": args.release_memory} for setting in settings]
@@ -465,6 +497,10 @@ def summarise(spec: dict[str, Any], rows: list[dict[str, Any]], baseline_mib: fl
         "export_s": _median(rows, "export_s"),
         # (over every round of the run: with one round, the merge over the 2 epochs' training plus the merge)
         "merge_share": all_merges_s / (_median(rows, "train_s") + all_merges_s),
+        # (the same over the whole rounds, their validation included; equal to merge_share without validation)
+        "merge_share_of_round": all_merges_s
+        / (_median(rows, "train_s") + _median(rows, "validation_s") + all_merges_s),
+        "validation_s": _median(rows, "validation_s"),
         "merges_s": [
             statistics.median(merges) for merges in zip(*(row["merges_s"] for row in rows), strict=True)
         ],
@@ -479,6 +515,7 @@ def summarise(spec: dict[str, Any], rows: list[dict[str, Any]], baseline_mib: fl
                     "merge_s",
                     "merges_s",
                     "train_s",
+                    "validation_s",
                     "export_s",
                     "process_s",
                 )
@@ -537,7 +574,8 @@ def merge_share(settings: list[dict[str, Any]], args: argparse.Namespace) -> dic
     a run of the protocol's shape (``--share-rounds`` rounds, ``--share-basis``), and computed for one round
     from the scaled runs' time per step (``--share-steps`` per epoch)."""
     ok = [s for s in settings if "error" not in s and s["width"] == 1]
-    measured = {s["method"]: s["merge_share"] for s in ok if s.get("share_run")}
+    share_runs = [s for s in ok if s.get("share_run")]
+    measured = {s["method"]: s["merge_share"] for s in share_runs}
     scaled = [s for s in ok if not s.get("share_run")]
     computed = {}
     if scaled:
@@ -557,8 +595,11 @@ def merge_share(settings: list[dict[str, Any]], args: argparse.Namespace) -> dic
         "steps_per_epoch": args.share_steps,
         "rounds": args.share_rounds,
         "basis": args.share_basis,
+        "validation_images": args.share_validate,
         "measured": measured,
-        "measured_merge_s_per_round": {s["method"]: s["merges_s"] for s in ok if s.get("share_run")},
+        "measured_of_whole_round": {s["method"]: s["merge_share_of_round"] for s in share_runs},
+        "measured_merge_s_per_round": {s["method"]: s["merges_s"] for s in share_runs},
+        "measured_validation_s": {s["method"]: s["validation_s"] for s in share_runs},
         "computed_from_scaled": computed,
     }
 
@@ -674,6 +715,13 @@ def main() -> None:
         "in the first round only)",
     )
     parser.add_argument(
+        "--share-validate",
+        type=int,
+        default=0,
+        help="held-out images every agent of the merge-share run is validated on once per round, as the "
+        "protocol does on its 1,000 test images (0: no validation)",
+    )
+    parser.add_argument(
         "--max-predicted-gb", type=float, default=20.0, help="skip a setting predicted to peak above this"
     )
     parser.add_argument("--memory-limit-gb", type=float, default=18.0, help="stop a setting above this RSS")
@@ -742,7 +790,8 @@ def main() -> None:
         "model": "ResNet-20 (lightning_dimat.models.ImageClassifier), 20 classes, Adam lr 1e-3",
         "data": "random 3x32x32 images, 20 classes, IID shards, batch 32",
         "protocol": "ring, 2 epochs, MergeCallback(every_n_epochs=2, num_batches=4, "
-        "optimizer_state='reset'), export='consensus', no validation",
+        "optimizer_state='reset'), export='consensus', no validation (the merge-share run: on "
+        f"--share-validate={args.share_validate} images once per round)",
         "threads": args.threads,
         "release_memory": args.release_memory,
         "environment": {
@@ -777,15 +826,23 @@ def main() -> None:
             f"({fit['peak_without_data']:.1f} without its data); "
             f"{EXTRAPOLATE_TO} agents ≈ {line['peak_gib_line']:.1f} GiB"
         )
-    for method, share in result["merge_share"]["measured"].items():
+    shares = result["merge_share"]
+    for method, share in shares["measured"].items():
+        validated = (
+            f"; of the whole rounds with their validation on {args.share_validate} images: "
+            f"{shares['measured_of_whole_round'][method]:.1%}"
+            if args.share_validate
+            else ""
+        )
         print(
             f"merge share (N={args.share_agents}, {method}, basis {args.share_basis}, "
-            f"{args.share_rounds} round(s) of 2 epochs): {share:.1%}"
+            f"{args.share_rounds} round(s) of 2 epochs) of training + merge: {share:.1%}{validated}"
         )
     save_json(result, output)
-    picture = args.plot or output.with_suffix(".png")
-    plot(result, picture)
-    print(f"saved {picture}", flush=True)
+    if any(not s.get("share_run") for s in settings):  # (a merge-share run alone has nothing to plot)
+        picture = args.plot or output.with_suffix(".png")
+        plot(result, picture)
+        print(f"saved {picture}", flush=True)
     if failed:
         raise SystemExit("some settings failed (see above)")
 

@@ -228,6 +228,12 @@ def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
     assert (share_run["rounds"], share_run["basis"]) == (2, "shared")
     assert len(share_run["merges_s"]) == 2 and min(share_run["merges_s"]) > 0  # one merge per round, timed
     assert 0 < result["merge_share"]["measured"]["average"] < 1
+    # validated once per round (its own phase, nested in the epoch's): the share of the whole round is smaller
+    assert share_run["val_images"] == 32 and share_run["validation_s"] > 0
+    assert {"fit/epoch1/validation", "fit/epoch3/validation"} <= set(share_run["phases"])
+    assert "fit/epoch0/validation" not in share_run["phases"]
+    whole = result["merge_share"]["measured_of_whole_round"]["average"]
+    assert 0 < whole < result["merge_share"]["measured"]["average"]
     assert smoke_runs["scale"].result().output.with_suffix(".png").is_file()
 
 
