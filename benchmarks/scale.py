@@ -19,7 +19,8 @@ in ``configs/cpu/protocol.yaml``) and exports the consensus at the end of ``fit`
   first round aligns along a spanning tree, the others average in the shared basis); the default is one
   round in each agent's own basis (every merge matches). ``--share-validate 1000`` also validates every
   agent on 1,000 held-out images once per round, as the protocol does (``check_val_every_n_epoch: 2``), and
-  gives the merge's share of that whole round beside its share of training + merge.
+  gives the merge's share of that whole round beside its share of training + merge;
+  ``--share-batchnorm average`` merges BatchNorm statistics like the weights instead of re-estimating them.
 
 Saves ``benchmarks/results/scale.json`` and a plot beside it (``.png``).
 
@@ -27,7 +28,8 @@ Saves ``benchmarks/results/scale.json`` and a plot beside it (``.png``).
     python benchmarks/scale.py --widths 1,8 --agents 1=5,10,20,40,100 8=5,20,40 \\
         --methods 1=average,activation 8=average --method-agents 5,20 --before before.json   # docs/scale.md
     python benchmarks/scale.py --smoke      # N = 2, 3 at width 1, 1 batch, average, and a 2-round share
-                                            # run of 5 agents in the shared basis: meaningless numbers
+                                            # run of 5 agents in the shared basis, validated, BatchNorm
+                                            # averaged: meaningless numbers
     python benchmarks/scale.py --replot     # redraw the plot of the saved JSON
 
 ``--release-memory on`` hands freed heap memory back after each agent's backward
@@ -91,6 +93,7 @@ SMOKE = {
     "share_rounds": 2,
     "share_basis": "shared",
     "share_validate": 32,
+    "share_batchnorm": "average",
 }
 
 
@@ -302,6 +305,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         num_batches=4,
         optimizer_state="reset",
         basis=spec.get("basis", "own"),
+        recompute_batchnorm=spec.get("batchnorm", "recompute") == "recompute",
     )
     probe = EpochPhases(phases, merge)
     for owner, name, label in (
@@ -413,6 +417,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "rounds": args.share_rounds,
                 "basis": args.share_basis,
                 "val_images": args.share_validate,
+                "batchnorm": args.share_batchnorm,
             }
             settings.append({**share, "share_run": True})
     return [{**setting, "release_memory": args.release_memory} for setting in settings]
@@ -595,6 +600,7 @@ def merge_share(settings: list[dict[str, Any]], args: argparse.Namespace) -> dic
         "steps_per_epoch": args.share_steps,
         "rounds": args.share_rounds,
         "basis": args.share_basis,
+        "batchnorm": args.share_batchnorm,
         "validation_images": args.share_validate,
         "measured": measured,
         "measured_of_whole_round": {s["method"]: s["merge_share_of_round"] for s in share_runs},
@@ -713,6 +719,13 @@ def main() -> None:
         default="own",
         help="MergeCallback(basis=...) of the merge-share run ('shared': the shipped default, which matches "
         "in the first round only)",
+    )
+    parser.add_argument(
+        "--share-batchnorm",
+        choices=("recompute", "average"),
+        default="recompute",
+        help="BatchNorm statistics after each merge of the merge-share run: re-estimated on 4 local batches "
+        "(MergeCallback's default) or averaged like the weights (recompute_batchnorm=False)",
     )
     parser.add_argument(
         "--share-validate",
@@ -835,7 +848,8 @@ def main() -> None:
             else ""
         )
         print(
-            f"merge share (N={args.share_agents}, {method}, basis {args.share_basis}, "
+            f"merge share (N={args.share_agents}, {method}, basis {args.share_basis}, BatchNorm "
+            f"{args.share_batchnorm}d, "
             f"{args.share_rounds} round(s) of 2 epochs) of training + merge: {share:.1%}{validated}"
         )
     save_json(result, output)

@@ -232,6 +232,10 @@ def test_scale_smoke(smoke_runs: dict[str, Future[Finished]]) -> None:
     assert share_run["val_images"] == 32 and share_run["validation_s"] > 0
     assert {"fit/epoch1/validation", "fit/epoch3/validation"} <= set(share_run["phases"])
     assert "fit/epoch0/validation" not in share_run["phases"]
+    # BatchNorm statistics averaged with the weights: no re-estimation pass in its merges, unlike the others'
+    assert share_run["batchnorm"] == "average"
+    assert not any(label.endswith("/batchnorm") and "/merge/" in label for label in share_run["phases"])
+    assert "fit/epoch1/merge/commit/batchnorm" in settings[0]["phases"]
     whole = result["merge_share"]["measured_of_whole_round"]["average"]
     assert 0 < whole < result["merge_share"]["measured"]["average"]
     assert smoke_runs["scale"].result().output.with_suffix(".png").is_file()
