@@ -430,11 +430,14 @@ class MergeCallback(Callback):
             if parent is None:  # the root, or an agent the tree goes around
                 continue
             reference = copy_holding(handle.module, states[parent])
+            data = handle.batches if aligner.requires_data else None
+            if data is not None and aligner.runs_neighbours:  # its parent's model and its own, on its data
+                self.ledger.record_forward(handle.agent_id, 2 * num_samples(data))
             with handle.activate():
                 (found,) = aligner.match(
                     reference,
                     [states.own[handle.agent_id]],
-                    handle.batches if aligner.requires_data else None,
+                    data,
                     spec=self._spec,
                     forward_context=round.forward_context,
                 )

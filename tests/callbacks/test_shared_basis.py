@@ -186,11 +186,14 @@ class _ForwardsPerRound(MergeCallback):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.forwards: list[int] = []
+        self.by_agent: list[dict[int, int]] = []
 
     def merge(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        before = sum(self.ledger.state_dict()["forward_samples"].values())
+        before = dict(self.ledger.state_dict()["forward_samples"])
         super().merge(trainer, pl_module)
-        self.forwards.append(sum(self.ledger.state_dict()["forward_samples"].values()) - before)
+        after = self.ledger.state_dict()["forward_samples"]
+        self.by_agent.append({g: after[g] - before.get(g, 0) for g in after})
+        self.forwards.append(sum(self.by_agent[-1].values()))
 
 
 def test_never_rematching_in_the_shared_basis_is_an_infinite_identity_bias_without_its_forwards() -> None:
@@ -213,8 +216,12 @@ def test_rematch_every_thins_the_rounds_that_match() -> None:
     shared = _ForwardsPerRound(basis="shared", **options)
     _fit([shared], max_epochs=4)
     # Rounds 0 and 2 run the neighbours on each agent's data; rounds 1 and 3 only re-estimate BatchNorm.
-    matching, averaging = shared.forwards[0], shared.forwards[1]
-    assert shared.forwards == [matching, averaging, matching, averaging] and averaging < matching
+    # Round 0 also enters the shared basis: every agent but the tree's root runs its parent's model and its
+    # own on its batches — twice the samples its BatchNorm re-estimation forwards.
+    matching, averaging = shared.forwards[2], shared.forwards[1]
+    assert shared.forwards[1:] == [averaging, matching, averaging] and averaging < matching
+    first, third, batchnorm = shared.by_agent[0], shared.by_agent[2], shared.by_agent[1]
+    assert sorted((first[g] - third[g]) / batchnorm[g] for g in first) == [0, 2, 2, 2, 2, 2]
     own = _ForwardsPerRound(basis="own", **options)  # agents in their own bases must always match
     _fit([own], max_epochs=2)
     assert own.forwards == [matching, matching]
