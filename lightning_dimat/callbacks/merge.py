@@ -299,19 +299,30 @@ class MergeCallback(Callback):
         """Runs one synchronous merge round of all local agents with their neighbours."""
         strategy = self._dimat(trainer)
         started = time.perf_counter()
+        basis_bytes = (0.0, 0.0)  # (what entering the shared basis received, and sent between processes)
         if self.basis == "shared" and self.matcher.uses_spec and not self.basis_built:
-            self.enter_shared_basis(trainer)
+            basis_bytes = self.enter_shared_basis(trainer)
         matcher = self._matcher_this_round()
         wants_data = matcher.requires_data or self.recompute_batchnorm
         round = strategy.begin_round(
             num_batches=self.num_batches if wants_data else None, index=self.round, ledger=self.ledger
         )
         absent = self._absent_this_round(strategy)
+        # An agent that sits the round out sends nothing and receives nothing: it is not counted.
         receivers = {
-            g: 0 if g in absent else sum(i not in absent for i in round.topology.receivers(g))
+            g: sum(i not in absent for i in round.topology.receivers(g))
             for g in round.agent_ids
+            if g not in absent
         }
-        states = round.gather(compression=self.compression, receivers=receivers, deadline=self._deadline())
+        uses = {
+            handle.agent_id: []
+            if handle.agent_id in absent
+            else [j for j in handle.neighbours if j not in absent]
+            for handle in round
+        }
+        states = round.gather(
+            compression=self.compression, receivers=receivers, deadline=self._deadline(), uses=uses
+        )
         bad = self._check_finite(states, trainer)
         self.missing_neighbours = sum(
             len(set(handle.neighbours) & set(states.missing) - absent)
@@ -361,7 +372,7 @@ class MergeCallback(Callback):
         self.round += 1
         self.merged_epochs.append(trainer.current_epoch)
         self.last_bytes_between_processes = round.bytes_between_processes
-        metrics = self._metrics(round, strategy, time.perf_counter() - started, moved)
+        metrics = self._metrics(round, strategy, time.perf_counter() - started, moved, basis_bytes)
         self._log(pl_module, metrics)
         restored = int(metrics["merge/nonfinite_agents"])
         rank_zero_info(
@@ -406,8 +417,11 @@ class MergeCallback(Callback):
     def _where(trainer: Trainer) -> str:
         return f"merge after epoch {trainer.current_epoch}, step {trainer.global_step}"
 
-    def enter_shared_basis(self, trainer: Trainer) -> None:
+    def enter_shared_basis(self, trainer: Trainer) -> tuple[float, float]:
         """Brings every agent into agent ``root``'s basis, with its optimizer state (see the class doc).
+
+        Returns the bytes the local agents received (each its tree parent's state) and the bytes this process
+        sent to others, which the round's merge metrics add to its own.
 
         Agents whose weights are not finite cannot be aligned: with ``on_nonfinite="restore"`` the tree
         goes around them (they keep their state and the round's merge rebuilds them from their finite
@@ -422,7 +436,10 @@ class MergeCallback(Callback):
             ledger=self.ledger,
             topology=_tree_topology(parents, strategy.num_agents),
         )
-        states = round.gather(compression=self.compression)
+        # Only parents send: each agent below the root aligns itself to its parent's state.
+        children = {g: sum(parent == g for parent in parents.values()) for g in round.agent_ids}
+        uses = {g: [] if parents.get(g) is None else [parents[g]] for g in round.agent_ids}
+        states = round.gather(compression=self.compression, receivers=children, uses=uses)
         aligner = _without_identity_bias(self.matcher)
         pairwise: dict[int, dict[str, Tensor]] = {}
         for handle in round:
@@ -462,6 +479,7 @@ class MergeCallback(Callback):
             f"DIMAT shared basis: {len(aligned)} agents aligned into agent {root}'s basis along a spanning "
             f"tree, {sum(aligned) / max(len(aligned), 1):.0%} of their units moved"
         )
+        return float(sum(round.bytes_received.values())), float(round.bytes_between_processes)
 
     def _nonfinite_everywhere(self, trainer: Trainer) -> list[int]:
         """The agents of every process whose weights are not finite (the same list in every process)."""
@@ -505,15 +523,20 @@ class MergeCallback(Callback):
         return parents
 
     def _metrics(
-        self, round: MergeRound, strategy: DIMATStrategy, seconds: float, moved: list[float]
+        self,
+        round: MergeRound,
+        strategy: DIMATStrategy,
+        seconds: float,
+        moved: list[float],
+        basis_bytes: tuple[float, float] = (0.0, 0.0),
     ) -> dict[str, float]:
         names = [name for name, _ in next(iter(round)).module.named_parameters()]
         live = {handle.agent_id: handle.module.state_dict() for handle in round}  # (views, no copies)
         collective = self._deadline() is None  # a round with a deadline runs no collective
         before, after, count = consensus_distances(round.snapshot, live, names, strategy, collective)
         local = {
-            "bytes": float(sum(round.bytes_received.values())),
-            "bytes_between_processes": float(round.bytes_between_processes),
+            "bytes": float(sum(round.bytes_received.values())) + basis_bytes[0],
+            "bytes_between_processes": float(round.bytes_between_processes) + basis_bytes[1],
             "before": before,
             "after": after,
             "count": count,

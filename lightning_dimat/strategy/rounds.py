@@ -159,6 +159,7 @@ class MergeRound:
         compression: str | Codec = "none",
         exact: Collection[str] = (),
         deadline: Deadline | None = None,
+        uses: Mapping[int, Collection[int]] | None = None,
     ) -> GatheredStates:
         """Every state the local agents need this round, keyed by agent id: their own and their neighbours'.
 
@@ -177,6 +178,8 @@ class MergeRound:
             exact: entries of the payloads sent as they are whatever the compression (SGP's push-sum weight).
             deadline: wait this long for states from other processes and go on without the late ones
                 (:attr:`GatheredStates.missing`); ``None`` waits for all and fails past the timeout.
+            uses: for each local agent, the agents whose states it uses this round, for
+                :attr:`bytes_received` (default: its neighbours; an agent that sits the round out uses none).
         """
         payloads = self.snapshot if payloads is None else payloads
         codec = resolve_compression(compression)
@@ -191,8 +194,9 @@ class MergeRound:
             missing=wanted - set(arrived),
         )
         for handle in self:
+            used = handle.neighbours if uses is None else uses.get(handle.agent_id, ())
             self.bytes_received[handle.agent_id] = sum(
-                codec.payload_bytes(arrived[j]) for j in handle.neighbours if j in arrived
+                codec.payload_bytes(arrived[j]) for j in used if j in arrived
             )
         if self.ledger is not None:
             counts = receivers_of(self.topology, self.agent_ids) if receivers is None else receivers

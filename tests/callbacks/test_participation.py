@@ -67,6 +67,22 @@ def test_absent_agents_are_unchanged_and_neighbours_renormalise_over_those_prese
             torch.testing.assert_close(value, expected, msg=f"agent {agent_id} {key}")
 
 
+def test_absent_agents_send_and_receive_nothing_in_the_counts() -> None:
+    trainer, merge, _ = fit(0.5, epochs=1, seed=2)
+    absent, metrics = merge.absent_agents, trainer.callback_metrics
+    assert absent == [0, 2]  # (seed 2's draw: agent 1 is present but has no present neighbour)
+    topology = trainer.strategy.topology
+    present = [g for g in range(5) if g not in absent]
+    state_bytes = metrics["comm/bytes_sent"] / sum(
+        sum(i not in absent for i in topology.receivers(g)) for g in present
+    )
+    pairs = sum(j not in absent for g in present for j in topology.neighbors(g))
+    # The merge's bytes are what the present agents received from present neighbours: the ledger's bytes sent.
+    assert metrics["merge/bytes"] == metrics["comm/bytes_sent"] == pairs * state_bytes > 0
+    for g in range(5):  # an absent agent took part in no round
+        assert float(metrics.get(f"comm/agent_{g}/rounds", 0)) == (0 if g in absent else 1), g
+
+
 def test_draws_are_seeded_and_change_per_round() -> None:
     _, first, _ = fit(0.6, epochs=1)
     _, again, _ = fit(0.6, epochs=1)

@@ -44,7 +44,7 @@ class _RecordingMerge(MergeCallback):
         self.output_change = 0.0
         self.step_change = 0.0
 
-    def enter_shared_basis(self, trainer: Trainer) -> None:
+    def enter_shared_basis(self, trainer: Trainer) -> tuple[float, float]:
         swarm = trainer.strategy.swarm
         before = {}
         for agent_id, agent in swarm.items():
@@ -53,7 +53,8 @@ class _RecordingMerge(MergeCallback):
             twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
             twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
             before[agent_id] = (twin, twin_optimizer)
-        super().enter_shared_basis(trainer)
+        received = super().enter_shared_basis(trainer)
+        self.received = received[0]
         self.entered += 1
         x, y = PROBE, torch.arange(len(PROBE)) % 4
         for agent_id, agent in swarm.items():
@@ -78,6 +79,7 @@ class _RecordingMerge(MergeCallback):
                     self.step_change, float((stepped.eval()(x) - twin.eval()(x)).abs().max())
                 )
             agent.train()
+        return received
 
 
 def _fit(
@@ -209,6 +211,18 @@ def test_never_rematching_in_the_shared_basis_is_an_infinite_identity_bias_witho
     thin_forwards = float(thin.callback_metrics["comm/forward_samples"])
     full_forwards = float(full.callback_metrics["comm/forward_samples"])
     assert thin_forwards < full_forwards
+
+
+def test_entering_the_shared_basis_counts_one_message_per_tree_edge() -> None:
+    merge = _RecordingMerge(every_n_epochs=1, method="activation", num_batches=2, basis="shared")
+    trainer = _fit([merge])
+    metrics = trainer.callback_metrics
+    # 6 agents on a ring: its spanning tree has 5 edges, each carrying the parent's state to the child once;
+    # then the merge round sends each agent's state to its 2 neighbours.
+    assert metrics["comm/messages_sent"] == 5 + 6 * 2
+    state_bytes = metrics["comm/bytes_sent"] / (5 + 6 * 2)
+    assert merge.received == 5 * state_bytes  # (what enter_shared_basis returned)
+    assert metrics["merge/bytes"] == metrics["comm/bytes_sent"]  # the first merge's bytes include the tree's
 
 
 def test_rematch_every_thins_the_rounds_that_match() -> None:
