@@ -87,6 +87,23 @@ class AgentReport(Callback):
         self.directory: Path | None = self.output_dir
         """Where this run's files go (resolved at ``setup``: ``output_dir`` or the logger's folder)."""
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, name=self.name)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The curves recorded so far, so that a resumed run's plot starts at epoch 0, not at the resume."""
+        return {"history": [{"epoch": p["epoch"], "agents": dict(p["agents"])} for p in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [
+            {"epoch": int(p["epoch"]), "agents": {int(g): float(v) for g, v in p["agents"].items()}}
+            for p in state_dict.get("history", [])
+        ]
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resolves this run's folder: ``output_dir``, else the logger's versioned folder, else none."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_dimat import AgentReport, DIMATStrategy, MergeCallback
@@ -54,3 +55,25 @@ def test_without_a_logger_or_output_dir_nothing_is_written(
     trainer.test(model, datamodule=data, verbose=False)
     assert "Per-agent test_acc" in capsys.readouterr().out
     assert list(tmp_cwd.iterdir()) == []
+
+
+def test_a_resumed_run_reports_the_curves_from_its_first_epoch(tmp_path: Path) -> None:
+    def fit(epochs: int, report: AgentReport, resume: Path | None = None) -> None:
+        saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        trainer = make_trainer(
+            strategy=DIMATStrategy(num_agents=2),
+            callbacks=[report, MergeCallback(every_n_epochs=1), saving],
+            enable_checkpointing=True,
+            max_epochs=epochs,
+        )
+        trainer.fit(TinyNet(), datamodule=BlobsData(), ckpt_path=resume)
+
+    whole = AgentReport(output_dir=str(tmp_path / "whole"))
+    fit(3, whole)
+    (after_two,) = (tmp_path / "ckpt").glob("epoch=1-*.ckpt")
+    resumed = AgentReport(output_dir=str(tmp_path / "resumed"))
+    fit(3, resumed, resume=after_two)
+    assert [point["epoch"] for point in resumed.history] == [0, 1, 2]
+    assert resumed.history == whole.history
+    written = json.loads((tmp_path / "resumed" / "accuracy.json").read_text())
+    assert [point["epoch"] for point in written["history"]] == [0, 1, 2]
