@@ -90,7 +90,9 @@ class _GossipCallback(Callback):
         strategy = self._strategy(trainer)
         assert strategy.swarm is not None
         where = f"gossip step {self.steps} (epoch {trainer.current_epoch})"
-        return check_states(states, strategy.swarm.agent_ids, self.on_nonfinite, where, type(self).__name__)
+        owner = type(self).__name__
+        everywhere = strategy.nonfinite_everywhere
+        return check_states(states, strategy.swarm.agent_ids, self.on_nonfinite, where, owner, everywhere)
 
     @staticmethod
     def _restart(handle: AgentHandle) -> None:

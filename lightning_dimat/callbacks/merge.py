@@ -411,7 +411,11 @@ class MergeCallback(Callback):
         strategy = self._dimat(trainer)
         assert strategy.swarm is not None
         where = self._where(trainer)
-        return check_states(states, strategy.swarm.agent_ids, self.on_nonfinite, where, "MergeCallback")
+        # (with a deadline a round runs no collective: each process raises for what it holds or receives)
+        everywhere = strategy.nonfinite_everywhere if self._deadline() is None else None
+        return check_states(
+            states, strategy.swarm.agent_ids, self.on_nonfinite, where, "MergeCallback", everywhere
+        )
 
     @staticmethod
     def _where(trainer: Trainer) -> str:
@@ -485,10 +489,9 @@ class MergeCallback(Callback):
         """The agents of every process whose weights are not finite (the same list in every process)."""
         strategy = self._dimat(trainer)
         assert strategy.swarm is not None
-        local = nonfinite_agents({g: agent.state_dict() for g, agent in strategy.swarm.items()})
-        if strategy.world_size > 1:
-            return sorted(g for found in strategy.all_gather_object(local) for g in found)
-        return local
+        return strategy.nonfinite_everywhere(
+            nonfinite_agents({g: agent.state_dict() for g, agent in strategy.swarm.items()})
+        )
 
     def _basis_tree(self, trainer: Trainer, nonfinite: list[int]) -> dict[int, int | None]:
         """The spanning tree the shared basis is built along, around the ``nonfinite`` agents."""

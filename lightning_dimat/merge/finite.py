@@ -17,7 +17,7 @@ Examples:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -69,14 +69,20 @@ def check_states(
     on_nonfinite: str,
     where: str,
     owner: str,
+    everywhere: Callable[[list[int]], list[int]] | None = None,
 ) -> list[int]:
     """The non-finite agents among ``states``: with ``on_nonfinite="raise"`` a
     :class:`NonFiniteAgentError` naming them, else a warning for those in ``local_ids`` (each process
-    warns about its own agents). ``owner`` names the callback in the messages."""
+    warns about its own agents). ``owner`` names the callback in the messages.
+
+    ``everywhere``, with several processes, turns this process's list into the list of every process (a
+    collective): with ``"raise"`` every process then raises together, including one that neither holds
+    nor receives the non-finite agent and would otherwise wait for the others at its next collective."""
     bad = nonfinite_agents(states)
-    if bad and on_nonfinite == "raise":
+    raised = bad if everywhere is None or on_nonfinite != "raise" else everywhere(bad)
+    if raised and on_nonfinite == "raise":
         raise NonFiniteAgentError(
-            nonfinite_message(bad, where)
+            nonfinite_message(raised, where)
             + f"; {owner}(on_nonfinite='restore') would leave them out and rebuild them from their "
             "neighbours. Lower the learning rate or clip gradients."
         )

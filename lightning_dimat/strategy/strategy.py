@@ -301,6 +301,17 @@ class DIMATStrategy(DDPStrategy):
         """``obj`` from every process, in rank order (``[obj]`` in one process)."""
         return all_gather_object(obj, self.world_size, self.rank, self._timeout)
 
+    def nonfinite_everywhere(self, found: list[int]) -> list[int]:
+        """The union of every process's ``found`` agent ids, sorted (a collective with several processes).
+
+        Examples:
+            >>> DIMATStrategy(num_agents=2).nonfinite_everywhere([1])
+            [1]
+        """
+        if self.world_size <= 1:
+            return sorted(found)
+        return sorted({agent_id for part in self.all_gather_object(list(found)) for agent_id in part})
+
     @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """Lightning's reduction, failing with a clear error when a process is gone."""

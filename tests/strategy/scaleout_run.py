@@ -35,6 +35,19 @@ class ExitBeforeExchange(Callback):
             os._exit(3)
 
 
+class PoisonBeforeMerge(Callback):
+    """Fills one agent's weights with NaN after the first merge epoch's last batch, before the merge."""
+
+    def __init__(self, agent_id: int) -> None:
+        self.agent_id = agent_id
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        swarm = trainer.strategy.swarm
+        if trainer.is_last_batch and trainer.current_epoch == 1 and self.agent_id in swarm.agent_ids:
+            with torch.no_grad():
+                next(iter(dict(swarm.items())[self.agent_id].parameters())).fill_(float("nan"))
+
+
 LAG_RELEASED = "test/lag/released"
 
 
@@ -95,6 +108,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--deadline", type=float, default=None, help="the merge callback's deadline (s)")
     parser.add_argument("--lag", action="store_true", help="rank 1 arrives at the first merge late")
+    parser.add_argument(
+        "--nan-agent", type=int, default=None, help="poison this agent before the first merge"
+    )
+    parser.add_argument("--on-nonfinite", default="restore", help="the callbacks' on_nonfinite")
     parser.add_argument("--start-method", default="popen", help="popen (script re-run), spawn or fork")
     parser.add_argument("--output", type=Path, default=None, help="where rank 0 saves (needed by main)")
     return parser.parse_args(argv)
@@ -104,9 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Fits one run; rank 0 returns ``{"states", "sent", "metrics", "exported", "lag"}`` (or, after a failure,
     ``{"error", "seconds"}`` and raises), other ranks return ``None``."""
     callbacks: list[Callback] = [ExitBeforeExchange()] if args.die else []
+    if args.nan_agent is not None:
+        callbacks.append(PoisonBeforeMerge(args.nan_agent))
     gossip = {"cdsgd": CDSGDCallback, "sgp": SGPCallback}.get(args.method)
     merge = (
-        gossip(compression=args.compression)
+        gossip(compression=args.compression, on_nonfinite=args.on_nonfinite)
         if gossip
         else MergeCallback(
             every_n_epochs=2,
@@ -115,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             basis=args.basis,
             compression=args.compression,
             deadline=args.deadline,
+            on_nonfinite=args.on_nonfinite,
         )
     )
     hold = HoldRank1UntilRank0Merged()
@@ -141,10 +161,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         trainer.fit(model, datamodule=BlobsData(), ckpt_path=args.resume)
     except Exception as error:
-        if trainer.global_rank == 0 and args.output is not None:
+        if args.output is not None:  # (rank r > 0 beside rank 0's file: <output>.rank<r>)
+            rank = trainer.global_rank
+            path = args.output if rank == 0 else args.output.with_name(f"{args.output.name}.rank{rank}")
             torch.save(
-                {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started},
-                args.output,
+                {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - started}, path
             )
         raise
     exported = {key: value.detach().cpu() for key, value in model.state_dict().items()}

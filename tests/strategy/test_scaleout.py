@@ -78,6 +78,19 @@ def test_a_peer_that_dies_mid_exchange_ends_the_run_with_a_clear_error(tmp_path:
     assert result["seconds"] < 20 + 10
 
 
+def test_a_non_finite_agent_with_raise_stops_every_process_with_the_same_error(tmp_path: Path) -> None:
+    # Ring of 6 on 2 processes (agents 0-2 | 3-5): agent 1's neighbours are both on rank 0, so rank 1 neither
+    # holds nor receives its state; it must still raise NonFiniteAgentError, not wait out the timeout.
+    common = ("--agents", "6", "--method", "average", "--nan-agent", "1", "--on-nonfinite", "raise")
+    result = run_subprocess(
+        tmp_path, "nan", "--devices", "2", *common, "--timeout", "60", expect_failure=True
+    )
+    other = torch.load(tmp_path / "nan.pt.rank1", weights_only=False)
+    for error in (result["error"], other["error"]):
+        assert error.startswith("NonFiniteAgentError: Agent(s) 1 hold NaN or infinite weights"), error
+    assert other["seconds"] < 60
+
+
 def test_a_straggler_past_the_deadline_does_not_block_the_others(tmp_path: Path) -> None:
     # Ring of 4 on 2 processes (agents 0, 1 | 2, 3). At the first merge rank 1 waits until rank 0 has merged
     # (no sleep: a store key), so rank 0 can only finish by going on without agents 2 and 3 past its 2-second
