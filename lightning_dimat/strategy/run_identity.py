@@ -58,8 +58,11 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: C
         if name == "topology" and isinstance(before, dict) != isinstance(now, dict):
             same, shown = False, "a schedule against a fixed graph"
         elif name == "topology" and isinstance(now, dict):  # a schedule: its name, period, first period
-            same = before.get("schedule") == now.get("schedule") and np.allclose(
-                before.get("rounds"), now.get("rounds"), atol=1e-12
+            rounds = before.get("rounds"), now.get("rounds")
+            same = (
+                before.get("schedule") == now.get("schedule")
+                and np.shape(rounds[0]) == np.shape(rounds[1])  # (another period: another shape)
+                and np.allclose(*rounds, atol=1e-12)
             )
             shown = f"schedule: checkpoint {before.get('schedule')!r}, this run {now.get('schedule')!r}"
         elif name == "topology":

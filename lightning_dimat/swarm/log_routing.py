@@ -275,6 +275,8 @@ class ConsensusLog:
 
 def _reduce(values: list[tuple[torch.Tensor, int | None]], reduce_fx: Any) -> torch.Tensor:
     """One agent's epoch value, reduced as Lightning reduces logged values."""
+    if isinstance(reduce_fx, str):  # as Lightning reads it: any case, "avg" for "mean"
+        reduce_fx = "mean" if reduce_fx.lower() == "avg" else reduce_fx.lower()
     tensors = torch.stack([value.float().reshape(()) for value, _ in values])
     if reduce_fx in _MEAN:
         sizes = [size for _, size in values]

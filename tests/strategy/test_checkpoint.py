@@ -15,6 +15,7 @@ import torch
 from helpers import BlobsData, TinyNet, checkpoint_of_epoch, fit_merging_ring, make_trainer
 
 from lightning_dimat import ActivationMatcher, DIMATStrategy, MergeCallback
+from lightning_dimat.strategy.run_identity import differences
 
 
 def test_checkpoint_holds_all_agents_keyed_by_global_id(tmp_path: Path) -> None:
@@ -106,3 +107,12 @@ def test_a_checkpoint_recorded_before_the_probes_option_resumes_as_pre_activatio
 def test_resume_changes_names_only_what_may_change() -> None:
     with pytest.raises(ValueError, match=r"resume_changes must be 'topology', .* got 'num_agents'"):
         DIMATStrategy(resume_changes=["num_agents"])
+
+
+def test_a_schedule_with_another_period_is_named_as_a_difference_not_a_numpy_error() -> None:
+    def schedule(period: int) -> dict[str, Any]:
+        return {"topology": {"schedule": "random_matching(seed=0)", "rounds": [[[1.0]]] * period}}
+
+    assert differences(schedule(4), schedule(4), ()) == []
+    (found,) = differences(schedule(4), schedule(6), ())
+    assert found.startswith("topology (schedule: checkpoint 'random_matching(seed=0)'")

@@ -79,6 +79,27 @@ def test_epoch_means_over_agents_are_exact_with_unequal_shards() -> None:
     assert float(metrics["epoch_loss"]) == pytest.approx(sum(per_agent) / 3, rel=1e-6)
 
 
+class _SpelledReductions(TinyNet):
+    """Logs with reduce_fx spelled as Lightning also accepts them: "avg" and upper case."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("seen", float(len(batch[1])), reduce_fx="SUM", on_step=False, on_epoch=True)
+        self.log("mean_size", float(len(batch[1])), reduce_fx="avg", on_step=False, on_epoch=True)
+        return loss
+
+
+def test_reductions_spelled_as_lightning_accepts_them_reduce_per_agent() -> None:
+    trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), max_epochs=1)
+    trainer.fit(_SpelledReductions(), datamodule=BlobsData(batch_size=16))
+    sizes = [len(shard) for shard in trainer.strategy.shards]
+    metrics = trainer.callback_metrics
+    assert [float(metrics[f"agent_{g}/seen"]) for g in range(2)] == sizes
+    # (Lightning's epoch mean weighs each batch by its size: Σ size² / Σ size)
+    batches = [16] * (sizes[0] // 16) + ([sizes[0] % 16] if sizes[0] % 16 else [])
+    assert float(metrics["agent_0/mean_size"]) == pytest.approx(sum(b * b for b in batches) / sizes[0])
+
+
 class _Lazy(TinyNet):
     def __init__(self) -> None:
         super().__init__()
