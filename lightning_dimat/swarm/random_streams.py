@@ -152,6 +152,8 @@ class AgentRandomStreams:
                 )
             if self.device is None or self.device.type != "cuda":
                 state.pop("cuda", None)
+            elif "cuda" not in state:  # a CPU run's checkpoint resumed on a GPU: keep each agent's own seed
+                state["cuda"] = self._states[agent_id]["cuda"]
             self._states[agent_id] = state
 
 

@@ -52,6 +52,22 @@ def test_random_streams_round_trip_through_state_dict() -> None:
         AgentRandomStreams(seed=0, agent_ids=[7]).load_state_dict(saved)
 
 
+def test_a_cpu_checkpoint_resumed_on_a_gpu_keeps_each_agents_own_cuda_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stand-in CUDA generator (this suite runs without a GPU): its state is the last seed it was given.
+    generator = {"state": torch.tensor([0])}
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: generator.update(state=torch.tensor([seed])))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: generator["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: generator.update(state=state))
+    on_gpu = AgentRandomStreams(seed=0, agent_ids=[0, 1], device=torch.device("cuda", 0))
+    seeded = {g: state["cuda"] for g, state in on_gpu.state_dict().items()}
+    assert not torch.equal(seeded[0], seeded[1])
+    on_gpu.load_state_dict(AgentRandomStreams(seed=0, agent_ids=[0, 1]).state_dict())  # (no "cuda" in it)
+    for g, state in on_gpu.state_dict().items():
+        assert torch.equal(state["cuda"], seeded[g]), g
+
+
 class _NumpyNoise(TinyNet):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
