@@ -131,6 +131,19 @@ class AgentRandomStreams:
             self._states[agent_id] = _capture(self.libraries, self.device)
             _restore(saved, self.device)
 
+    @contextmanager
+    def preserved(self, agent_id: int) -> Iterator[None]:
+        """Runs the block (which may :meth:`activate` the agent), then puts ``agent_id``'s stream back as it
+        was before: what the block drew from it is not drawn in training. Use it outside the agent's own
+        :meth:`activate` block."""
+        if agent_id in self._active:
+            raise RuntimeError(f"preserved({agent_id}) inside activate({agent_id}): its stream is in use.")
+        saved = self._states[agent_id]
+        try:
+            yield
+        finally:
+            self._states[agent_id] = saved
+
     def state_dict(self) -> dict[int, dict[str, Any]]:
         """Per-agent states keyed by global agent id, made of tensors and builtins only.
 

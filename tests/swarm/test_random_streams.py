@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import BlobsData, TinyNet, make_trainer
+from lightning.pytorch import Callback
 
-from lightning_dimat import DIMATStrategy
+from lightning_dimat import DIMATStrategy, MergeCallback
 from lightning_dimat.swarm import AgentRandomStreams
 
 
@@ -66,6 +67,33 @@ def test_a_cpu_checkpoint_resumed_on_a_gpu_keeps_each_agents_own_cuda_stream(
     on_gpu.load_state_dict(AgentRandomStreams(seed=0, agent_ids=[0, 1]).state_dict())  # (no "cuda" in it)
     for g, state in on_gpu.state_dict().items():
         assert torch.equal(state["cuda"], seeded[g]), g
+
+
+class _NoisyTransfer(TinyNet):
+    """Random augmentation in a transfer hook: it runs in the agent's random stream."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        return x + torch.rand_like(x), y
+
+
+class _StreamsAtTrainStart(Callback):
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.streams = trainer.strategy.swarm.streams.state_dict()
+
+
+def test_the_example_batch_that_derives_the_spec_draws_nothing_from_an_agents_stream() -> None:
+    def streams_at_start(callbacks: list[Callback]) -> dict[int, dict[str, Any]]:
+        recorder = _StreamsAtTrainStart()
+        trainer = make_trainer(strategy=DIMATStrategy(num_agents=2), callbacks=[*callbacks, recorder])
+        trainer.fit(_NoisyTransfer(), datamodule=BlobsData())
+        return recorder.streams
+
+    # MergeCallback's on_train_start draws one prepared batch of agent 0 (through its transfer hooks).
+    with_example = streams_at_start([MergeCallback(every_n_epochs=1, method="activation")])
+    without = streams_at_start([])
+    for g in (0, 1):
+        assert torch.equal(with_example[g]["torch"], without[g]["torch"]), g
 
 
 class _NumpyNoise(TinyNet):
