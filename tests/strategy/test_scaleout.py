@@ -88,7 +88,6 @@ def test_a_non_finite_agent_with_raise_stops_every_process_with_the_same_error(t
     other = torch.load(tmp_path / "nan.pt.rank1", weights_only=False)
     for error in (result["error"], other["error"]):
         assert error.startswith("NonFiniteAgentError: Agent(s) 1 hold NaN or infinite weights"), error
-    assert other["seconds"] < 60
 
 
 def test_a_straggler_past_the_deadline_does_not_block_the_others(tmp_path: Path) -> None:
