@@ -79,10 +79,10 @@ def check_states(
     collective): with ``"raise"`` every process then raises together, including one that neither holds
     nor receives the non-finite agent and would otherwise wait for the others at its next collective."""
     bad = nonfinite_agents(states)
-    raised = bad if everywhere is None or on_nonfinite != "raise" else everywhere(bad)
-    if raised and on_nonfinite == "raise":
+    anywhere = bad if everywhere is None or on_nonfinite != "raise" else everywhere(bad)
+    if on_nonfinite == "raise" and anywhere:
         raise NonFiniteAgentError(
-            nonfinite_message(raised, where)
+            nonfinite_message(anywhere, where)
             + f"; {owner}(on_nonfinite='restore') would leave them out and rebuild them from their "
             "neighbours. Lower the learning rate or clip gradients."
         )

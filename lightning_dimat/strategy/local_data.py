@@ -79,12 +79,14 @@ class AgentData:
             )
         return self.loaders[agent_id]
 
-    def example_batch(self, agent_id: int, prepare: Prepare, device: Any) -> Any:
-        """One batch of the agent's shard, prepared, drawn without touching any random stream."""
+    def example_batch(self, agent_id: int, prepare: Prepare, device: Any, streams: AgentRandomStreams) -> Any:
+        """One batch of the agent's shard, prepared, drawn without touching any random stream: the global
+        ones, nor the agent's own, which ``prepare`` (its transfer hooks) runs in."""
         loader = self._loader(agent_id)
-        with seeded(0, device):
-            batch = next(iter(loader))
-        return prepare(agent_id, batch)
+        with streams.preserved(agent_id):
+            with seeded(0, device):
+                batch = next(iter(loader))
+            return prepare(agent_id, batch)
 
     def batches(
         self, agent_id: int, num_batches: int | None, streams: AgentRandomStreams, prepare: Prepare

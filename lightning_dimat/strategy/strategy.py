@@ -482,11 +482,9 @@ class DIMATStrategy(DDPStrategy):
         return self.precision_plugin.convert_input(self.swarm.to_device(agent_id, batch))
 
     def example_batch(self, agent_id: int) -> Any:
-        """One batch of agent ``agent_id``'s shard on the device, drawn without touching any random stream
-        (also not the agent's own, which its transfer hooks run in)."""
+        """One batch of agent ``agent_id``'s shard on the device, drawn without touching any random stream."""
         assert self.swarm is not None
-        with self.swarm.streams.preserved(agent_id):
-            return self.data.example_batch(agent_id, self._prepare_batch, self.root_device)
+        return self.data.example_batch(agent_id, self._prepare_batch, self.root_device, self.swarm.streams)
 
     def local_batches(self, agent_id: int, num_batches: int | None) -> Any:
         """Up to ``num_batches`` of agent ``agent_id``'s own batches, on the device, drawn in its stream."""

@@ -187,7 +187,6 @@ class _ForwardsPerRound(MergeCallback):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.forwards: list[int] = []
         self.by_agent: list[dict[int, int]] = []
 
     def merge(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -195,7 +194,11 @@ class _ForwardsPerRound(MergeCallback):
         super().merge(trainer, pl_module)
         after = self.ledger.state_dict()["forward_samples"]
         self.by_agent.append({g: after[g] - before.get(g, 0) for g in after})
-        self.forwards.append(sum(self.by_agent[-1].values()))
+
+    @property
+    def forwards(self) -> list[int]:
+        """The forward samples of each round, over all agents."""
+        return [sum(counts.values()) for counts in self.by_agent]
 
 
 def test_never_rematching_in_the_shared_basis_is_an_infinite_identity_bias_without_its_forwards() -> None:
